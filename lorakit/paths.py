@@ -1,0 +1,17 @@
+"""Where the embedded default lives, so every entry point runs offline with no arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_DIR = REPO_ROOT / "embedded"
+EMBEDDED_PIPELINE = EMBEDDED_DIR / "pipeline"
+EMBEDDED_CLIP = EMBEDDED_DIR / "clip"
+EMBEDDED_BASE_DATA = EMBEDDED_DIR / "data" / "base"
+EMBEDDED_ADAPTER_DATA = EMBEDDED_DIR / "data" / "adapter"
+EMBEDDED_DEMO_ADAPTER = EMBEDDED_DIR / "demo_adapter"
+EMBEDDED_PROMPTS = EMBEDDED_DIR / "prompts"
+CONFIGS_DIR = REPO_ROOT / "configs"
+SHAPES_PRESET = CONFIGS_DIR / "shapes.yaml"
+BK_SDM_TINY_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "bk-sdm-tiny"
