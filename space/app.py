@@ -1,0 +1,294 @@
+"""Gradio Space: text to image with a LoRA adapter on a Stable-Diffusion-architecture base.
+
+Settings come from the environment (Space variables on the Hub):
+- BASE_MODEL: Hub id or local folder of the base pipeline (default: the repo's embedded pipeline if present).
+- LORA_ADAPTER: Hub id or local folder of the LoRA adapter (default: the repo's embedded demo adapter).
+- LORA_WEIGHT_NAME: optional file name of the adapter weights inside LORA_ADAPTER.
+
+This file imports pip packages only, so the folder deploys on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import diffusers
+import gradio as gr
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from packaging.version import Version
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+# The embedded default lives next to this folder in the source repository; on a Space it is absent.
+EMBEDDED_DIR = HERE.parent / "embedded"
+EMBEDDED_PIPELINE = EMBEDDED_DIR / "pipeline"
+EMBEDDED_ADAPTER = EMBEDDED_DIR / "demo_adapter"
+EMBEDDED_PROMPTS = EMBEDDED_DIR / "prompts" / "adapter.txt"
+HUB_DEFAULT_BASE = "nota-ai/bk-sdm-tiny"
+ADAPTER_NAME = "adapter"
+
+MAX_SEED = int(np.iinfo(np.int32).max)
+MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 1, 100, 20
+MIN_GUIDANCE, MAX_GUIDANCE, DEFAULT_GUIDANCE = 0.0, 20.0, 5.0
+MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 1.5
+QUEUE_MAX_SIZE = 32
+CONCURRENCY_LIMIT = 1
+# Shown when neither the adapter's prompt file nor the embedded prompts exist (the shapes world's domain).
+FALLBACK_EXAMPLES = [
+    "a red circle on a white background",
+    "a blue square on a black background",
+    "a green triangle on a white background",
+    "a small yellow star on a blue background",
+]
+
+# One pipeline is shared by all requests; its scheduler and adapter weights are mutable state.
+_PIPE_LOCK = threading.Lock()
+# diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name warns and goes away in 1.0).
+_DTYPE_KWARG = "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
+
+
+def default_base() -> str:
+    """BASE_MODEL from the environment, else the embedded pipeline, else the Hub default."""
+    if os.environ.get("BASE_MODEL"):
+        return os.environ["BASE_MODEL"]
+    return str(EMBEDDED_PIPELINE) if EMBEDDED_PIPELINE.is_dir() else HUB_DEFAULT_BASE
+
+
+def default_adapter() -> str:
+    """LORA_ADAPTER from the environment, else the embedded demo adapter."""
+    if os.environ.get("LORA_ADAPTER"):
+        return os.environ["LORA_ADAPTER"]
+    if EMBEDDED_ADAPTER.is_dir():
+        return str(EMBEDDED_ADAPTER)
+    raise RuntimeError(
+        "No LoRA adapter configured: set LORA_ADAPTER to a Hub id (user/adapter) or a local adapter folder "
+        "(on a Space: Settings > Variables)."
+    )
+
+
+def pick_device() -> tuple[str, torch.dtype]:
+    """CUDA, then MPS, then CPU; fp16 on accelerators, fp32 on CPU (fp16 matmuls are slow or missing there)."""
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps", torch.float16
+    return "cpu", torch.float32
+
+
+def load_pipeline(
+    base: str, adapter: str, device: str | None = None, weight_name: str | None = None
+) -> DiffusionPipeline:
+    """Load the base pipeline (safetensors only), attach the LoRA adapter and switch to DPM-Solver++."""
+    device, dtype = pick_device() if device is None else (device, torch.float32 if device == "cpu" else torch.float16)
+    pipe = DiffusionPipeline.from_pretrained(base, use_safetensors=True, **{_DTYPE_KWARG: dtype})
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"{base} loads as {type(pipe).__name__}, which cannot take a LoRA adapter.")
+    weight_name = weight_name if weight_name is not None else os.environ.get("LORA_WEIGHT_NAME") or None
+    pipe.load_lora_weights(adapter, adapter_name=ADAPTER_NAME, weight_name=weight_name, use_safetensors=True)
+    # Multistep DPM-Solver++ reaches the quality of 50 DDIM/PNDM steps in about 20.
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def randomize_seed(seed: int, randomize: bool) -> int:
+    """A fresh random seed in [0, MAX_SEED] when `randomize`, else `seed` unchanged."""
+    return int(np.random.default_rng().integers(0, MAX_SEED + 1)) if randomize else seed
+
+
+def validate_inputs(prompt: str, seed: float, steps: float, guidance: float, lora_scale: float) -> int:
+    """Raise gr.Error naming the bad input and the valid range; return the seed as an int."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise gr.Error("The prompt is empty: type what the image should show, e.g. 'a red circle'.")
+    try:
+        seed_value = float(seed)
+    except (TypeError, ValueError):
+        raise gr.Error(f"Seed must be a whole number between 0 and {MAX_SEED}, got {seed!r}.") from None
+    if not seed_value.is_integer() or not 0 <= seed_value <= MAX_SEED:
+        raise gr.Error(f"Seed must be a whole number between 0 and {MAX_SEED}, got {seed!r}.")
+    if not isinstance(steps, int | float) or not float(steps).is_integer() or not MIN_STEPS <= steps <= MAX_STEPS:
+        raise gr.Error(f"Steps must be a whole number between {MIN_STEPS} and {MAX_STEPS}, got {steps!r}.")
+    if not isinstance(guidance, int | float) or not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE:
+        raise gr.Error(f"Guidance must be between {MIN_GUIDANCE} and {MAX_GUIDANCE}, got {guidance!r}.")
+    if not isinstance(lora_scale, int | float) or not MIN_LORA_SCALE <= lora_scale <= MAX_LORA_SCALE:
+        raise gr.Error(f"LoRA scale must be between {MIN_LORA_SCALE} and {MAX_LORA_SCALE}, got {lora_scale!r}.")
+    return int(seed_value)
+
+
+def truncation_notice(prompt: str, tokenizer) -> str:
+    """A message when `prompt` exceeds the text encoder's context (the pipeline silently cuts it), else ''."""
+    limit = tokenizer.model_max_length
+    used = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+    if used <= limit:
+        return ""
+    return (
+        f"The prompt is {used} tokens long; the text encoder reads only {limit} "
+        "(including start and end tokens), so the end of the prompt was ignored."
+    )
+
+
+def _sample(
+    pipe, prompt: str, negative_prompt: str, seed: int, steps: int, guidance: float, on_step, done: int, total: int
+) -> Image.Image:
+    """One image; the generator lives on CPU so a seed gives the same noise on every device."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def callback(pipeline, step: int, timestep, tensors: dict) -> dict:
+        if on_step is not None:
+            on_step(done + step + 1, total)
+        return tensors
+
+    result = pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt or None,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
+        callback_on_step_end=callback,
+    )
+    return result.images[0]
+
+
+def generate(
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int = 0,
+    steps: int = DEFAULT_STEPS,
+    guidance: float = DEFAULT_GUIDANCE,
+    lora_scale: float = 1.0,
+    compare_with_base: bool = False,
+    pipe: DiffusionPipeline | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[Image.Image]:
+    """Images for `prompt`: [adapter] or, with `compare_with_base`, [base, adapter] from the same seed."""
+    seed = validate_inputs(prompt, seed, steps, guidance, lora_scale)
+    pipe = pipe if pipe is not None else get_pipeline()
+    steps, guidance, lora_scale = int(steps), float(guidance), float(lora_scale)
+    images, total = [], steps * (2 if compare_with_base else 1)
+    with _PIPE_LOCK:
+        try:
+            if compare_with_base:
+                pipe.disable_lora()
+                images.append(_sample(pipe, prompt, negative_prompt, seed, steps, guidance, on_step, 0, total))
+                pipe.enable_lora()
+            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
+            done = total - steps
+            images.append(_sample(pipe, prompt, negative_prompt, seed, steps, guidance, on_step, done, total))
+        finally:
+            # Leave the shared pipeline in its default state whatever happened above.
+            pipe.enable_lora()
+            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[1.0])
+    return images
+
+
+_PIPELINE: DiffusionPipeline | None = None
+
+
+def get_pipeline() -> DiffusionPipeline:
+    """The process-wide pipeline, loaded once from the environment settings."""
+    global _PIPELINE
+    if _PIPELINE is None:
+        _PIPELINE = load_pipeline(default_base(), default_adapter())
+    return _PIPELINE
+
+
+def load_examples() -> list[str]:
+    """Example prompts from the adapter's domain: the embedded prompt file if present, else a fixed list."""
+    if EMBEDDED_PROMPTS.is_file():
+        lines = [line.strip() for line in EMBEDDED_PROMPTS.read_text().splitlines()]
+        prompts = [line for line in lines if line and not line.startswith("#")]
+        if prompts:
+            return prompts[:8]
+    return list(FALLBACK_EXAMPLES)
+
+
+def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: str = "") -> gr.Blocks:
+    """The Blocks UI around `generate`; `pipe` defaults to the one loaded from the environment."""
+    pipe = pipe if pipe is not None else get_pipeline()
+    device = pipe.device.type
+
+    # Gradio finds the progress tracker by its default value, so the call in the signature is intended.
+    def run(prompt, negative_prompt, seed, randomize, steps, guidance, lora_scale, compare, progress=gr.Progress()):  # noqa: B008
+        """UI handler: pick the seed, warn about truncation, generate, report the seed used."""
+        if randomize:
+            seed = randomize_seed(0, True)
+        seed = validate_inputs(prompt, seed, steps, guidance, lora_scale)
+        notice = truncation_notice(prompt, pipe.tokenizer)
+        if notice:
+            gr.Warning(notice)
+        progress(0, desc="Starting")
+        images = generate(
+            prompt,
+            negative_prompt,
+            seed,
+            steps,
+            guidance,
+            lora_scale,
+            compare_with_base=compare,
+            pipe=pipe,
+            on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"),
+        )
+        info = f"Seed used: **{seed}**" + (f"\n\n⚠️ {notice}" if notice else "")
+        gallery = [(images[0], "base model"), (images[1], f"adapter (scale {lora_scale:g})")] if compare else []
+        return images[-1], gallery, seed, info
+
+    with gr.Blocks(title="LoRA text-to-image") as demo:
+        gr.Markdown(
+            "# LoRA text-to-image\n"
+            f"Base model: `{base or pipe.name_or_path}` · adapter: `{adapter or 'adapter'}` · "
+            "sampler: DPM-Solver++"
+        )
+        if device == "cpu":
+            gr.Markdown("ℹ️ Running on **CPU**: generation is slow for full-size models; use few steps.")
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", placeholder="a red circle on a white background", scale=4)
+            run_button = gr.Button("Run", variant="primary", scale=1)
+        result = gr.Image(label="Result", type="pil", format="png", height=320)
+        info = gr.Markdown("Seed used: —")
+        gallery = gr.Gallery(
+            label="Base model | adapter (same seed)", columns=2, format="png", height=320, visible=False
+        )
+        compare = gr.Checkbox(label="Compare with base model (same seed, side by side)", value=False)
+        with gr.Accordion("Advanced", open=False):
+            negative_prompt = gr.Textbox(label="Negative prompt", placeholder="what the image should not show")
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=0, minimum=0, maximum=MAX_SEED, precision=None)
+                randomize = gr.Checkbox(label="Randomize seed", value=True)
+            with gr.Row():
+                steps = gr.Slider(MIN_STEPS, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
+                guidance = gr.Slider(MIN_GUIDANCE, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.5, label="Guidance")
+                lora_scale = gr.Slider(
+                    MIN_LORA_SCALE, MAX_LORA_SCALE, value=1.0, step=0.05, label="LoRA scale (0 = base model)"
+                )
+        gr.Examples(examples=[[text] for text in load_examples()], inputs=[prompt], label="Examples")
+
+        compare.change(lambda on: gr.Gallery(visible=on), inputs=compare, outputs=gallery, api_name=False)
+        inputs = [prompt, negative_prompt, seed, randomize, steps, guidance, lora_scale, compare]
+        gr.on(
+            triggers=[run_button.click, prompt.submit],
+            fn=run,
+            inputs=inputs,
+            outputs=[result, gallery, seed, info],
+            api_name="generate",
+        )
+    demo.queue(max_size=QUEUE_MAX_SIZE, default_concurrency_limit=CONCURRENCY_LIMIT)
+    return demo
+
+
+def main() -> None:
+    """Load the pipeline from the environment settings and serve the demo."""
+    base, adapter = default_base(), default_adapter()
+    global _PIPELINE
+    _PIPELINE = load_pipeline(base, adapter)
+    demo = build_demo(_PIPELINE, base=base, adapter=adapter)
+    # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by gradio itself when these are None.
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), server_port=None)
+
+
+if __name__ == "__main__":
+    main()
