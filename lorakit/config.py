@@ -1,0 +1,342 @@
+"""Training configuration: one dataclass per concern, parsed from CLI flags and an optional YAML file.
+
+Flag names follow diffusers' `train_text_to_image_lora.py` where one exists, so users can move over.
+Precedence: dataclass defaults < YAML file (`--config`) < flags on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.lora import DEFAULT_TEXT_ENCODER_TARGET_MODULES, DEFAULT_UNET_TARGET_MODULES
+from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_PIPELINE, REPO_ROOT, SHAPES_PRESET
+
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+LR_SCHEDULER_CHOICES = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+PREDICTION_TYPE_CHOICES = ("epsilon", "v_prediction")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and the fix."""
+
+
+def _relative_to_repo(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: str = field(
+        default=_relative_to_repo(EMBEDDED_PIPELINE),
+        metadata={"help": "Base model: a Hub id (e.g. nota-ai/bk-sdm-tiny) or a local diffusers folder."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
+    variant: str | None = field(default=None, metadata={"help": "Weights variant to load, e.g. 'fp16'."})
+
+    def __post_init__(self) -> None:
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is empty: give a Hub id or a local diffusers folder.")
+
+
+@dataclass
+class DataConfig:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id (e.g. lambdalabs/naruto-blip-captions) or a local path."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of the Hub dataset."})
+    train_data_dir: str | None = field(
+        default=_relative_to_repo(EMBEDDED_ADAPTER_DATA),
+        metadata={"help": "Local folder: an imagefolder with metadata.jsonl, parquet files, or save_to_disk output."},
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column (detected when not given)."})
+    caption_column: str | None = field(default=None, metadata={"help": "Caption column (detected when not given)."})
+    resolution: int = field(default=512, metadata={"help": "Training resolution in pixels (square)."})
+    center_crop: bool = field(default=False, metadata={"help": "Center crop instead of a random crop."})
+    random_flip: bool = field(default=False, metadata={"help": "Randomly flip images horizontally."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many samples."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0: main)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded datasets are cached."})
+
+    def __post_init__(self) -> None:
+        if not self.dataset_name and not self.train_data_dir:
+            raise ConfigError("No data: give --dataset_name (Hub id) or --train_data_dir (local folder).")
+        if self.dataset_name and self.train_data_dir:
+            raise ConfigError("Both --dataset_name and --train_data_dir are set: give only one of them.")
+        if self.resolution < 8:
+            raise ConfigError(f"--resolution {self.resolution} is too small: use at least 8 pixels.")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError("--max_train_samples must be at least 1 (or left out to use all samples).")
+        if self.dataloader_num_workers < 0:
+            raise ConfigError("--dataloader_num_workers must be 0 or more.")
+
+
+@dataclass
+class LoraArgs:
+    rank: int = field(default=4, metadata={"help": "LoRA rank r (the adapter's inner dimension)."})
+    lora_alpha: float | None = field(
+        default=None, metadata={"help": "LoRA alpha; the update is scaled by alpha/rank. Default: equal to rank."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_UNET_TARGET_MODULES),
+        metadata={"help": "UNet module names that get LoRA layers.", "nargs": "+"},
+    )
+    train_text_encoder: bool = field(default=False, metadata={"help": "Also train LoRA layers on the text encoder."})
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGET_MODULES),
+        metadata={"help": "Text-encoder module names that get LoRA layers.", "nargs": "+"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"--rank {self.rank} is invalid: the LoRA rank must be at least 1 (typical: 4-64).")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"--lora_alpha {self.lora_alpha} is invalid: use a positive number (or leave it out).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"--lora_dropout {self.lora_dropout} is invalid: use a value in [0, 1).")
+        if not self.target_modules:
+            raise ConfigError("--target_modules is empty: name at least one module, e.g. to_q to_k to_v to_out.0.")
+
+
+@dataclass
+class TrainingArgs:
+    num_train_epochs: int = field(default=1, metadata={"help": "Epochs over the dataset."})
+    max_train_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    train_batch_size: int = field(default=1, metadata={"help": "Batch size per process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per step."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
+    scale_lr: bool = field(default=False, metadata={"help": "Scale lr by batch size, accumulation and processes."})
+    lr_scheduler: str = field(
+        default="constant", metadata={"help": "LR schedule.", "choices": LR_SCHEDULER_CHOICES}
+    )
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the LR schedule."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit AdamW (needs a GPU)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    seed: int = field(default=0, metadata={"help": "Seed for data order, noise and initialisation."})
+    snr_gamma: float | None = field(
+        default=None, metadata={"help": "Min-SNR weighting gamma (arXiv 2303.09556); 5.0 is recommended."}
+    )
+    noise_offset: float = field(default=0.0, metadata={"help": "Noise offset (0.1 is typical); 0 disables it."})
+    prediction_type: str | None = field(
+        default=None,
+        metadata={"help": "Override the scheduler's prediction type.", "choices": PREDICTION_TYPE_CHOICES},
+    )
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "no, fp16 or bf16. Default: what `accelerate launch` or its config file set.",
+            "choices": MIXED_PRECISION_CHOICES,
+        },
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet memory."})
+    allow_tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    checkpointing_steps: int | None = field(
+        default=None, metadata={"help": "Save the full training state every N steps (output_dir/checkpoint-N)."}
+    )
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep only the newest K checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."}
+    )
+    report_to: str = field(default="tensorboard", metadata={"help": "Tracker: tensorboard, wandb, all or none."})
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate {self.learning_rate} is invalid: use a positive value, e.g. 1e-4.")
+        for name in ("num_train_epochs", "train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)} is invalid: it must be at least 1.")
+        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} {value} is invalid: it must be at least 1 (or left out).")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError("--lr_warmup_steps must be 0 or more.")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"--snr_gamma {self.snr_gamma} is invalid: use a positive value such as 5.0.")
+        if self.noise_offset < 0:
+            raise ConfigError("--noise_offset must be 0 or more.")
+
+
+@dataclass
+class ValidationArgs:
+    validation_prompt: list[str] = field(
+        default_factory=list, metadata={"help": "Prompt(s) rendered during and after training.", "nargs": "*"}
+    )
+    validation_steps: int | None = field(
+        default=None, metadata={"help": "Render validation images every N steps (always at the end)."}
+    )
+    num_validation_images: int = field(default=2, metadata={"help": "Images per prompt (one seed each)."})
+    validation_seed: int = field(default=0, metadata={"help": "First seed of the validation images."})
+    validation_inference_steps: int = field(default=25, metadata={"help": "Sampler steps for validation."})
+    validation_guidance_scale: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+
+    def __post_init__(self) -> None:
+        if self.num_validation_images < 1:
+            raise ConfigError("--num_validation_images must be at least 1.")
+        if self.validation_steps is not None and self.validation_steps < 1:
+            raise ConfigError("--validation_steps must be at least 1 (or left out).")
+
+
+@dataclass
+class OutputArgs:
+    output_dir: str = field(default="output", metadata={"help": "Where the adapter, card and logs are written."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a folder that already holds an adapter."}
+    )
+    logging_dir: str = field(default="logs", metadata={"help": "TensorBoard folder, relative to output_dir."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push adapter and card to the Hub at the end."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo id; default: the output folder's name in your namespace."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    hub_push_checkpoints: bool = field(
+        default=False, metadata={"help": "Also push each checkpoint, to a branch (never to main)."}
+    )
+    export_kohya: bool = field(
+        default=False, metadata={"help": "Also write the adapter in kohya/webui format (A1111, ComfyUI)."}
+    )
+    push_only: bool = field(
+        default=False, metadata={"help": "Do not train: push an existing output_dir (retry after a failed push)."}
+    )
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoraArgs,
+    "training": TrainingArgs,
+    "validation": ValidationArgs,
+    "output": OutputArgs,
+}
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraArgs
+    training: TrainingArgs
+    validation: ValidationArgs
+    output: OutputArgs
+    config_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict by section (what `training_config.yaml` holds)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+
+def _field_owner() -> dict[str, str]:
+    owners = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            owners[f.name] = section
+    return owners
+
+
+def _add_field_argument(parser: argparse.ArgumentParser, f: dataclasses.Field, hint: Any) -> None:
+    help_text = f.metadata.get("help", "")
+    flag = f"--{f.name}"
+    if hint is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, default=argparse.SUPPRESS)
+        return
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(base) is list:
+        base = typing.get_args(base)[0]
+    kwargs: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS, "type": base}
+    if "nargs" in f.metadata:
+        kwargs["nargs"] = f.metadata["nargs"]
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+    parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one flag per dataclass field, grouped by section."""
+    parser = argparse.ArgumentParser(
+        description="Train a LoRA adapter for a Stable-Diffusion-architecture model (one epoch by default).",
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help=f"YAML file of settings (flat or by section); flags win. Default with no model given: {SHAPES_PRESET.name}",
+    )
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            _add_field_argument(group, f, hints[f.name])
+    return parser
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config, flat or nested by section, into a flat {field: value} dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist. Presets live in {_relative_to_repo(REPO_ROOT)}/configs/.")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of settings, not {type(raw).__name__}.")
+    owners = _field_owner()
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - set(owners))
+    if unknown:
+        raise ConfigError(f"Config file {path} has unknown settings {unknown}; see `train_lora.py --help`.")
+    return flat
+
+
+def _resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Relative local paths in a preset are relative to the repository root, not the caller's cwd."""
+    for key in ("pretrained_model_name_or_path", "train_data_dir"):
+        value = flat.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            flat[key] = _relative_to_repo((base / value).resolve())
+    return flat
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags (and `--config`) into a validated `TrainConfig`. Raises ConfigError on bad values."""
+    parser = build_parser()
+    namespace = vars(parser.parse_args(argv))
+    config_file = namespace.pop("config")
+    if config_file is None and "pretrained_model_name_or_path" not in namespace and SHAPES_PRESET.is_file():
+        config_file = str(SHAPES_PRESET)
+    layers = [_resolve_paths(load_yaml_config(config_file), REPO_ROOT)] if config_file is not None else []
+    values: dict[str, Any] = {}
+    for layer in [*layers, namespace]:
+        values.update(layer)
+        if layer.get("dataset_name") and "train_data_dir" not in layer:
+            values["train_data_dir"] = None  # a dataset named in a later layer replaces an earlier folder
+    owners = _field_owner()
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        per_section[owners[key]][key] = value
+    sections = {name: SECTIONS[name](**kwargs) for name, kwargs in per_section.items()}
+    return TrainConfig(**sections, config_file=config_file)

@@ -1,0 +1,187 @@
+"""Captioned image data: loading (Hub id or local folder), checks, picklable transforms, collate."""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from lorakit.config import ConfigError, DataConfig
+
+# Column names tried, in order, when --image_column / --caption_column are not given.
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "pixel_values")
+CAPTION_COLUMN_CANDIDATES = ("text", "caption", "captions", "prompt", "prompts", "sentence", "title")
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message names the problem and the fix."""
+
+
+def _is_saved_to_disk(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def load_raw_dataset(cfg: DataConfig) -> datasets.Dataset:
+    """Load the train split from a Hub id or a local folder (imagefolder, parquet, or save_to_disk)."""
+    source = cfg.train_data_dir or cfg.dataset_name
+    local = Path(source)
+    if cfg.train_data_dir is not None or local.exists():
+        if not local.is_dir():
+            raise DataError(f"Dataset folder {local} does not exist. Check --train_data_dir (or --dataset_name).")
+        if _is_saved_to_disk(local):
+            loaded = datasets.load_from_disk(str(local))
+            return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+        try:
+            return datasets.load_dataset(str(local), split="train", cache_dir=cfg.cache_dir)
+        except (FileNotFoundError, ValueError) as error:
+            raise DataError(f"Could not read a dataset from {local}: {error}") from error
+    return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split="train", cache_dir=cfg.cache_dir)
+
+
+def _detect(columns: list[str], candidates: tuple[str, ...], features: datasets.Features, want_image: bool) -> str:
+    for name in candidates:
+        if name in columns:
+            return name
+    for name in columns:
+        feature = features[name]
+        if want_image and isinstance(feature, datasets.Image):
+            return name
+        if not want_image and getattr(feature, "dtype", None) == "string":
+            return name
+    kind = "image" if want_image else "caption"
+    raise DataError(f"No {kind} column found among {columns}. Name it with --{kind}_column.")
+
+
+def resolve_columns(dataset: datasets.Dataset, cfg: DataConfig) -> tuple[str, str]:
+    """The (image, caption) column names: the given ones, checked, or detected."""
+    columns = list(dataset.column_names)
+    for flag, name in (("image_column", cfg.image_column), ("caption_column", cfg.caption_column)):
+        if name is not None and name not in columns:
+            raise DataError(f"--{flag} '{name}' is not a column of the dataset. Columns that exist: {columns}.")
+    image_column = cfg.image_column or _detect(columns, IMAGE_COLUMN_CANDIDATES, dataset.features, True)
+    caption_column = cfg.caption_column or _detect(columns, CAPTION_COLUMN_CANDIDATES, dataset.features, False)
+    return image_column, caption_column
+
+
+def _open_image(value: Any) -> Image.Image:
+    """Open an undecoded datasets Image value ({'bytes', 'path'}) or a PIL image."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        return Image.open(value["path"])
+    return Image.open(value)
+
+
+def check_images(dataset: datasets.Dataset, image_column: str) -> None:
+    """Fail fast on an unreadable image: header check of every row, no full decode."""
+    raw = dataset.cast_column(image_column, datasets.Image(decode=False)) if isinstance(
+        dataset.features[image_column], datasets.Image
+    ) else dataset
+    for index, value in enumerate(raw[image_column]):
+        try:
+            with _open_image(value) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            where = value.get("path") if isinstance(value, dict) else f"row {index}"
+            raise DataError(f"Image at row {index} ({where}) cannot be read: {error}. Remove or replace it.") from error
+
+
+def prepare_dataset(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, str, str]:
+    """Load, check and subsample the training data before any model is loaded."""
+    dataset = load_raw_dataset(cfg)
+    if len(dataset) == 0:
+        raise DataError(f"The dataset {cfg.train_data_dir or cfg.dataset_name} is empty: it has no rows to train on.")
+    image_column, caption_column = resolve_columns(dataset, cfg)
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(cfg.max_train_samples))
+    check_images(dataset, image_column)
+    return dataset, image_column, caption_column
+
+
+def pick_caption(value: Any, rng: random.Random) -> str:
+    """A caption string; lists of captions give one at random (as the diffusers example)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0:
+        return str(rng.choice(list(value)))
+    raise DataError(f"Caption {value!r} is neither a string nor a non-empty list of strings.")
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
+    """Resize the shorter side to `resolution`, then crop a square (center or random)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(new_size, Image.Resampling.BICUBIC)
+    slack_x, slack_y = new_size[0] - resolution, new_size[1] - resolution
+    left, top = (slack_x // 2, slack_y // 2) if center_crop else (rng.randint(0, slack_x), rng.randint(0, slack_y))
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> float tensor (3, H, W) in [-1, 1], the VAE's input range."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class CaptionedImageDataset(torch.utils.data.Dataset):
+    """Rows -> {pixel_values, input_ids}. Random choices come from (seed, epoch, index) alone,
+
+    so any sample is reproducible in any worker and a resumed run sees exactly the same batches.
+    Picklable (no closures), so DataLoader workers work under fork and spawn.
+    """
+
+    rows: datasets.Dataset
+    image_column: str
+    caption_column: str
+    tokenizer: Any
+    resolution: int
+    center_crop: bool = False
+    random_flip: bool = False
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        row = self.rows[int(index)]
+        image = resize_and_crop(_open_image(row[self.image_column]).convert("RGB"), self.resolution,
+                                self.center_crop, rng)
+        if self.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        caption = pick_caption(row[self.caption_column], rng)
+        input_ids = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
+        return {"pixel_values": image_to_tensor(image), "input_ids": input_ids, "index": torch.tensor(index)}
+
+
+def collate_examples(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack examples into a batch."""
+    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+def check_resolution(resolution: int, vae_scale_factor: int) -> None:
+    """The VAE downsamples by `vae_scale_factor`; the resolution must divide evenly."""
+    if resolution % vae_scale_factor != 0:
+        lower = resolution // vae_scale_factor * vae_scale_factor
+        raise ConfigError(
+            f"--resolution {resolution} is not a multiple of the VAE factor {vae_scale_factor}: "
+            f"use {max(lower, vae_scale_factor)} or {lower + vae_scale_factor}."
+        )

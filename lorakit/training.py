@@ -1,0 +1,216 @@
+"""The pieces of one training run: models, LoRA attachment, optimizer, the diffusion loss and step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from lorakit.config import ConfigError, LoraArgs, ModelConfig, TrainConfig, TrainingArgs
+from lorakit.lora import make_lora_config
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Models:
+    """The frozen base pipeline parts plus the trainable LoRA layers attached to them."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def vae_scale_factor_from_config(model_cfg: ModelConfig) -> int:
+    """Read only the VAE's config (cheap, no weights) to get its downsampling factor."""
+    try:
+        vae_config = AutoencoderKL.load_config(
+            model_cfg.pretrained_model_name_or_path, subfolder="vae", revision=model_cfg.revision
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"Cannot read the base model '{model_cfg.pretrained_model_name_or_path}' (vae/config.json): {error}. "
+            "Give a local diffusers folder or a Hub id you can reach."
+        ) from error
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
+    """Frozen weights follow the accelerator's actual precision, however it was set."""
+    return WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
+
+
+def load_models(model_cfg: ModelConfig, prediction_type: str | None = None) -> Models:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler (safetensors only)."""
+    source = model_cfg.pretrained_model_name_or_path
+    common: dict[str, Any] = {"revision": model_cfg.revision}
+    weights: dict[str, Any] = {**common, "variant": model_cfg.variant, "use_safetensors": True}
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    return Models(
+        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
+        vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+        unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+        noise_scheduler=noise_scheduler,
+    )
+
+
+def attach_lora(models: Models, lora: LoraArgs, weight_dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
+    """Freeze the base, move it to `weight_dtype`, add LoRA layers, keep them fp32; return trainable params."""
+    for module in (models.unet, models.vae, models.text_encoder):
+        module.requires_grad_(False)
+    for module in (models.unet, models.vae, models.text_encoder):
+        module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+    models.unet.add_adapter(make_lora_config(lora.rank, lora.lora_alpha, lora.lora_dropout, lora.target_modules))
+    trainable_modules = [models.unet]
+    if lora.train_text_encoder:
+        models.text_encoder.add_adapter(
+            make_lora_config(lora.rank, lora.lora_alpha, lora.lora_dropout, lora.text_encoder_target_modules)
+        )
+        trainable_modules.append(models.text_encoder)
+    # LoRA weights stay fp32 under fp16/bf16: low-precision optimizer updates underflow (diffusers #6086).
+    cast_training_params(trainable_modules, dtype=torch.float32)
+    return [p for module in trainable_modules for p in module.parameters() if p.requires_grad]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], training: TrainingArgs, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW (8-bit from bitsandbytes when asked); fused kernels on CUDA where torch has them."""
+    kwargs = {
+        "lr": learning_rate,
+        "betas": (training.adam_beta1, training.adam_beta2),
+        "weight_decay": training.adam_weight_decay,
+        "eps": training.adam_epsilon,
+    }
+    if training.use_8bit_adam:
+        import bitsandbytes as bnb  # checked in preflight so a missing package fails before model loading
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
+def check_8bit_adam_available() -> None:
+    """`--use_8bit_adam` needs bitsandbytes; say how to get it."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(
+            "--use_8bit_adam needs bitsandbytes, which is not installed: `pip install bitsandbytes` "
+            "(CUDA GPU required), or drop the flag."
+        ) from error
+
+
+def scaled_learning_rate(cfg: TrainConfig, num_processes: int) -> float:
+    """The diffusers `--scale_lr` rule: lr x batch x accumulation x processes."""
+    t = cfg.training
+    if not t.scale_lr:
+        return t.learning_rate
+    return t.learning_rate * t.train_batch_size * t.gradient_accumulation_steps * num_processes
+
+
+def total_train_steps(num_batches: int, training: TrainingArgs) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for `num_batches` batches per epoch per process."""
+    per_epoch = math.ceil(num_batches / training.gradient_accumulation_steps)
+    total = per_epoch * training.num_train_epochs
+    if training.max_train_steps is not None:
+        total = min(total, training.max_train_steps)
+    return per_epoch, total
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, training: TrainingArgs, total_steps: int, num_processes: int):
+    """The LR schedule; accelerate steps it once per process, hence the scaling (as the diffusers example)."""
+    return get_scheduler(
+        training.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=training.lr_warmup_steps * num_processes,
+        num_training_steps=total_steps * num_processes,
+    )
+
+
+def diffusion_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler: DDPMScheduler,
+    snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """MSE between prediction and target, optionally min-SNR weighted (Hang et al., arXiv 2303.09556)."""
+    if snr_gamma is None:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        weights = clipped / (snr + 1)
+    else:
+        weights = clipped / snr
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+def diffusion_target(
+    noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ConfigError(f"Unsupported prediction type {prediction_type!r}: use epsilon or v_prediction.")
+
+
+def step_generator(seed: int, global_step: int, process_index: int, device: torch.device) -> torch.Generator:
+    """Noise and timesteps for step k come from (seed, k, process) alone, so a resumed run draws the same."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + global_step * 1_009 + process_index) % (2**63))
+    return generator
+
+
+def encode_latents(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Sample the VAE posterior and scale to the UNet's latent space (vae.config.scaling_factor)."""
+    posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+    latents = posterior.sample(generator=generator)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def training_loss(
+    models: Models,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    training: TrainingArgs,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One forward pass: encode, add noise at random timesteps, predict, compare."""
+    with torch.no_grad():
+        latents = encode_latents(models.vae, batch["pixel_values"], generator).float()
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if training.noise_offset:
+        # Offset noise lets the model learn very dark/bright images (crosslabs.org/blog/diffusion-with-offset-noise).
+        noise += training.noise_offset * torch.randn(
+            (latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device
+        )
+    num_timesteps = models.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
+    noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    target = diffusion_target(models.noise_scheduler, latents, noise, timesteps)
+    return diffusion_loss(model_pred, target, timesteps, models.noise_scheduler, training.snr_gamma)

@@ -1,0 +1,92 @@
+"""Validation images: a pipeline built from the training modules (no second copy), fixed seeds, PNG grids."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+from lorakit.atomic import atomic_write_bytes
+from lorakit.config import ValidationArgs
+from lorakit.training import Models
+
+
+def make_validation_pipeline(
+    models: Models, unet: torch.nn.Module, text_encoder: torch.nn.Module, pretrained: str, revision: str | None
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline sharing the training modules; the sampler is the base model's own."""
+    scheduler_config = DiffusionPipeline.load_config(pretrained, revision=revision)
+    scheduler_class_name = scheduler_config.get("scheduler", [None, "PNDMScheduler"])[1]
+    import diffusers
+
+    scheduler_class = getattr(diffusers, scheduler_class_name, diffusers.PNDMScheduler)
+    scheduler = scheduler_class.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
+    pipe = StableDiffusionPipeline(
+        vae=models.vae,
+        text_encoder=text_encoder,
+        tokenizer=models.tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def render_validation_images(
+    pipe: StableDiffusionPipeline, validation: ValidationArgs, resolution: int, device: torch.device
+) -> list[list[Image.Image]]:
+    """One row per prompt, one image per seed (validation_seed, +1, ...), the same seeds every time."""
+    rows = []
+    for prompt in validation.validation_prompt:
+        row = []
+        for offset in range(validation.num_validation_images):
+            generator = torch.Generator(device=device).manual_seed(validation.validation_seed + offset)
+            with torch.autocast(device.type, enabled=pipe.unet.dtype != torch.float32, dtype=pipe.unet.dtype):
+                image = pipe(
+                    prompt,
+                    num_inference_steps=validation.validation_inference_steps,
+                    guidance_scale=validation.validation_guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                ).images[0]
+            row.append(image)
+        rows.append(row)
+    return rows
+
+
+def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, cell: int | None = None) -> Image.Image:
+    """Paste images into a grid (rows x columns), optional text label above each row; small images upscaled."""
+    size = cell or max(rows[0][0].width, 128)
+    label_height = 14 if labels else 0
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (columns * size, len(rows) * (size + label_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        top = r * (size + label_height)
+        if labels:
+            draw.text((2, top + 1), labels[r][: size * columns // 6], fill="black")
+        for c, image in enumerate(row):
+            grid.paste(image.resize((size, size), Image.Resampling.NEAREST), (c * size, top + label_height))
+    return grid
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Write a PNG atomically."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def grid_as_array(image: Image.Image) -> np.ndarray:
+    """HWC uint8 array (what TensorBoard's add_image with dataformats='HWC' takes)."""
+    return np.asarray(image.convert("RGB"))

@@ -1,0 +1,369 @@
+#!/usr/bin/env python
+"""Train a LoRA adapter for a Stable-Diffusion-architecture model, one epoch by default.
+
+    accelerate launch --config_file accelerate_config.yaml train_lora.py [--config FILE] [--flag value ...]
+
+With no arguments it trains the embedded shapes world's adapter concept (configs/shapes.yaml), offline, on a
+CPU. Each step below is a named function in `lorakit`; this file reads top to bottom.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from lorakit import checkpoint as ckpt
+from lorakit import outputs
+from lorakit.config import ConfigError, TrainConfig, parse_args
+from lorakit.data import CaptionedImageDataset, DataError, check_resolution, collate_examples, prepare_dataset
+from lorakit.params import count_parameters
+from lorakit.training import (
+    attach_lora,
+    check_8bit_adam_available,
+    load_models,
+    make_lr_scheduler,
+    make_optimizer,
+    scaled_learning_rate,
+    step_generator,
+    total_train_steps,
+    training_loss,
+    vae_scale_factor_from_config,
+    weight_dtype_for,
+)
+from lorakit.validation import (
+    grid_as_array,
+    image_grid,
+    make_validation_pipeline,
+    render_validation_images,
+    save_png,
+)
+
+logger = logging.getLogger("train_lora")
+# Under fp16 loss scaling a few overflowing steps are expected; the scaler skips them and backs off.
+FP16_NONFINITE_TOLERANCE = 8
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is: saved with every checkpoint so a resumed run continues at the exact batch."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    loss_history: list[dict[str, float]] = field(default_factory=list)
+    nonfinite_streak: int = 0
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits (pre-emption, Ctrl-C)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Checks that need no weights: output folder, optional packages, resolution against the VAE factor."""
+    outputs.check_output_dir(cfg)
+    if cfg.training.use_8bit_adam:
+        check_8bit_adam_available()
+    check_resolution(cfg.data.resolution, vae_scale_factor_from_config(cfg.model))
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """Precision, accumulation and trackers; mixed precision left to accelerate unless the flag sets it."""
+    output_dir = Path(cfg.output.output_dir)
+    return Accelerator(
+        gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+        mixed_precision=cfg.training.mixed_precision,
+        log_with=None if cfg.training.report_to == "none" else cfg.training.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.output.logging_dir)),
+        # A seedable sampler makes the shuffled order a function of (seed, epoch): resume can skip batches exactly.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.training.seed),
+    )
+
+
+def make_dataloader(cfg: TrainConfig, dataset: CaptionedImageDataset) -> torch.utils.data.DataLoader:
+    workers = cfg.data.dataloader_num_workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.training.train_batch_size,
+        shuffle=True,
+        collate_fn=collate_examples,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+
+
+def current_fingerprint(cfg: TrainConfig, dataset, caption_column: str, num_processes: int) -> dict:
+    """What must match between a checkpoint and the run that resumes from it."""
+    return {
+        "data": ckpt.data_fingerprint(dataset[caption_column], len(dataset)),
+        "train_batch_size": cfg.training.train_batch_size,
+        "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
+        "num_processes": num_processes,
+        "rank": cfg.lora.rank,
+        "lora_alpha": cfg.lora.lora_alpha,
+        "target_modules": list(cfg.lora.target_modules),
+        "train_text_encoder": cfg.lora.train_text_encoder,
+        "seed": cfg.training.seed,
+    }
+
+
+def resume_if_asked(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict) -> TrainState:
+    checkpoint_dir = ckpt.resolve_resume_dir(cfg.output.output_dir, cfg.training.resume_from_checkpoint)
+    if checkpoint_dir is None:
+        if cfg.training.resume_from_checkpoint == "latest":
+            accelerator.print("No checkpoint found in the output folder: starting a new run.")
+        return TrainState()
+    saved = ckpt.read_train_state(checkpoint_dir)
+    ckpt.check_compatible(saved["fingerprint"], fingerprint, checkpoint_dir)
+    accelerator.load_state(str(checkpoint_dir))
+    accelerator.print(f"Resumed from {checkpoint_dir} at step {saved['global_step']}.")
+    return TrainState(
+        global_step=saved["global_step"],
+        epoch=saved["epoch"],
+        batches_in_epoch=saved["batches_in_epoch"],
+        loss_history=saved["loss_history"][: saved["global_step"]],
+    )
+
+
+def save_training_state(cfg: TrainConfig, accelerator: Accelerator, state: TrainState, fingerprint: dict) -> Path:
+    payload = {
+        "global_step": state.global_step,
+        "epoch": state.epoch,
+        "batches_in_epoch": state.batches_in_epoch,
+        "loss_history": state.loss_history,
+        "fingerprint": fingerprint,
+    }
+    return ckpt.save_checkpoint(
+        accelerator, cfg.output.output_dir, state.global_step, payload, cfg.training.checkpoints_total_limit
+    )
+
+
+def check_finite(loss: float, state: TrainState, cfg: TrainConfig, mixed_precision: str) -> None:
+    """Stop with a clear message when the loss diverges (a few fp16 overflow steps are tolerated)."""
+    if math.isfinite(loss):
+        state.nonfinite_streak = 0
+        return
+    state.nonfinite_streak += 1
+    if mixed_precision == "fp16" and state.nonfinite_streak <= FP16_NONFINITE_TOLERANCE:
+        return
+    checkpoints = ckpt.list_checkpoints(cfg.output.output_dir)
+    last_good = str(checkpoints[-1]) if checkpoints else "none (use --checkpointing_steps to keep some)"
+    raise TrainingDivergedError(
+        f"The loss became {loss} at step {state.global_step}. Last good checkpoint: {last_good}. "
+        "Lower --learning_rate, use --mixed_precision bf16 or no, then resume with --resume_from_checkpoint."
+    )
+
+
+def run_validation(cfg, accelerator, models, unet, text_encoder, step: int, final: bool) -> list[dict]:
+    """Render the validation prompts with fixed seeds, save a PNG grid, log it to the trackers."""
+    if not cfg.validation.validation_prompt:
+        return []
+    pipe = make_validation_pipeline(
+        models, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
+        cfg.model.pretrained_model_name_or_path, cfg.model.revision,
+    )
+    rows = render_validation_images(pipe, cfg.validation, cfg.data.resolution, accelerator.device)
+    grid = image_grid(rows, labels=cfg.validation.validation_prompt)
+    out = Path(cfg.output.output_dir)
+    save_png(grid, out / outputs.VALIDATION_DIR / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", grid_as_array(grid), step, dataformats="HWC")
+    if not final:
+        return []
+    save_png(grid, out / outputs.VALIDATION_GRID_FILE)
+    entries = []
+    for index, (prompt, row) in enumerate(zip(cfg.validation.validation_prompt, rows)):
+        relative = f"{outputs.VALIDATION_DIR}/final/{index:02d}.png"
+        save_png(row[0], out / relative)
+        entries.append({"prompt": prompt, "image": relative})
+    return entries
+
+
+def train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
+    """The whole run: data, models, LoRA, loop, outputs. Returns the output folder."""
+    started = time.time()
+    preflight(cfg)
+    rows, image_column, caption_column = prepare_dataset(cfg.data, cfg.training.seed)
+
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.training.seed)
+    stop = StopRequest()
+    models = load_models(cfg.model, cfg.training.prediction_type)
+    params = attach_lora(models, cfg.lora, weight_dtype_for(accelerator), accelerator.device)
+    if cfg.training.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    if cfg.training.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    train_data = CaptionedImageDataset(
+        rows, image_column, caption_column, models.tokenizer, cfg.data.resolution,
+        cfg.data.center_crop, cfg.data.random_flip, cfg.training.seed,
+    )
+    dataloader = make_dataloader(cfg, train_data)
+    optimizer = make_optimizer(params, cfg.training, scaled_learning_rate(cfg, accelerator.num_processes))
+    trained = [models.unet] + ([models.text_encoder] if cfg.lora.train_text_encoder else [])
+    num_batches = math.ceil(len(dataloader) / accelerator.num_processes)
+    steps_per_epoch, total_steps = total_train_steps(num_batches, cfg.training)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.training, total_steps, accelerator.num_processes)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(models.unet, optimizer, dataloader, lr_scheduler)
+    text_encoder = accelerator.prepare(models.text_encoder) if cfg.lora.train_text_encoder else models.text_encoder
+    ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None)
+
+    fingerprint = current_fingerprint(cfg, rows, caption_column, accelerator.num_processes)
+    state = resume_if_asked(cfg, accelerator, fingerprint)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("lora", config=flat_scalars(cfg))
+        outputs.write_training_config(cfg.output.output_dir, cfg)
+    lora_parameters = count_parameters(accelerator.unwrap_model(unet), trainable_only=True)
+    accelerator.print(
+        f"{len(rows)} samples, {total_steps} steps ({steps_per_epoch}/epoch), {lora_parameters:,} LoRA parameters, "
+        f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)."
+    )
+
+    progress = tqdm(range(total_steps), initial=state.global_step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    accumulated, micro = 0.0, 0
+    while state.global_step < total_steps and state.epoch < cfg.training.num_train_epochs:
+        train_data.set_epoch(state.epoch)
+        dataloader.set_epoch(state.epoch)
+        loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
+        for batch in loader:
+            position = state.epoch * num_batches + state.batches_in_epoch
+            generator = step_generator(cfg.training.seed, position, accelerator.process_index, accelerator.device)
+            with accelerator.accumulate(*trained):
+                loss = training_loss(models, unet, text_encoder, batch, cfg.training, generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.training.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            accumulated += accelerator.gather(loss.detach().float().reshape(1)).mean().item()
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            step_loss, accumulated, micro = accumulated / micro, 0.0, 0
+            learning_rate = lr_scheduler.get_last_lr()[0]
+            state.loss_history.append({"step": state.global_step, "loss": step_loss, "lr": learning_rate})
+            check_finite(step_loss, state, cfg, accelerator.mixed_precision)
+            accelerator.log({"train/loss": step_loss, "train/lr": learning_rate}, step=state.global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}")
+            if cfg.training.checkpointing_steps and state.global_step % cfg.training.checkpointing_steps == 0:
+                save_training_state(cfg, accelerator, state, fingerprint)
+            if cfg.validation.validation_steps and state.global_step % cfg.validation.validation_steps == 0:
+                if accelerator.is_main_process:
+                    run_validation(cfg, accelerator, models, unet, text_encoder, state.global_step, final=False)
+            if stop_requested(accelerator, stop):
+                where = save_training_state(cfg, accelerator, state, fingerprint)
+                accelerator.print(
+                    f"Stopped by {stop.signal_name} after step {state.global_step}; saved {where}. Resume with:\n  "
+                    f"{outputs.reproduce_command(argv)} --resume_from_checkpoint latest"
+                )
+                accelerator.end_training()
+                raise SystemExit(128 + signal.Signals[stop.signal_name or "SIGTERM"].value)
+            if state.global_step >= total_steps:
+                break
+        else:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            continue
+        break
+    progress.close()
+    return finish(cfg, accelerator, models, unet, text_encoder, state, rows, lora_parameters, started, argv)
+
+
+def stop_requested(accelerator: Accelerator, stop: StopRequest) -> bool:
+    """True on every process when any process got SIGTERM/SIGINT (they must stop at the same step)."""
+    flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0 and stop.signal_name is None:
+            stop.signal_name = "SIGTERM"
+    return flag.item() > 0
+
+
+def flat_scalars(cfg: TrainConfig) -> dict:
+    """Hyper-parameters TensorBoard can show (scalars and strings only)."""
+    flat = {}
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            if isinstance(value, (int, float, str, bool)):
+                flat[f"{section}/{key}"] = value
+    return flat
+
+
+def finish(cfg, accelerator, models, unet, text_encoder, state, rows, lora_parameters, started, argv) -> Path:
+    """Save the adapter and everything the card, docs and Hub need; main process only."""
+    out = Path(cfg.output.output_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        text_encoder_to_save = accelerator.unwrap_model(text_encoder) if cfg.lora.train_text_encoder else None
+        adapter = outputs.save_adapter_atomic(out, accelerator.unwrap_model(unet), text_encoder_to_save)
+        validation = run_validation(cfg, accelerator, models, unet, text_encoder, state.global_step, final=True)
+        outputs.write_loss_history(out, state.loss_history)
+        outputs.plot_loss_curve(out, state.loss_history)
+        outputs.write_summary(out, {
+            "base_model": cfg.model.pretrained_model_name_or_path,
+            "dataset": cfg.data.dataset_name or cfg.data.train_data_dir,
+            "num_samples": len(rows),
+            "global_step": state.global_step,
+            "num_train_epochs": cfg.training.num_train_epochs,
+            "lora_trainable_parameters": lora_parameters,
+            "adapter_file_bytes": adapter.stat().st_size,
+            "train_seconds": round(time.time() - started, 2),
+            "final_loss": state.loss_history[-1]["loss"] if state.loss_history else None,
+            "command": outputs.reproduce_command(argv),
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes,
+            "validation": validation,
+            "instance_prompt": None,
+            "license": outputs.base_license(cfg.model.pretrained_model_name_or_path),
+        })
+        outputs.clean_temporary_files(out)
+        accelerator.print(f"Saved {adapter} ({adapter.stat().st_size:,} bytes).")
+    accelerator.end_training()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: bad input exits 2 with one clear message, before any model is loaded."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    try:
+        cfg = parse_args(argv)
+        train(cfg, argv)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
