@@ -1,0 +1,364 @@
+"""Fast tests of space/: generate(), validation, the folder's self-containment, and deploy.py with a fake HfApi."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SPACE_DIR = REPO_ROOT / "space"
+EMBEDDED_PIPELINE = REPO_ROOT / "embedded" / "pipeline"
+EMBEDDED_ADAPTER = REPO_ROOT / "embedded" / "demo_adapter"
+FAST_STEPS = 3
+
+
+def load_space_module(name: str):
+    """Import space/<name>.py under a unique module name (the folder is not a package, by design)."""
+    module_name = f"space_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, SPACE_DIR / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+def make_tiny_adapter(base_dir: Path, out_dir: Path) -> Path:
+    """Save a random (non-zero) rank-4 UNet LoRA for the pipeline in `base_dir`, in diffusers format."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True)
+    torch.manual_seed(0)
+    # init_lora_weights=False: B is random too, so the adapter visibly changes the output.
+    config = LoraConfig(
+        r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+    )
+    pipe.unet.add_adapter(config)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    return out_dir
+
+
+def demo_models(tmp_path_factory) -> tuple[str, str]:
+    """The embedded base and demo adapter when the repo has them, else the tiny fixture pipeline and a LoRA."""
+    if EMBEDDED_PIPELINE.is_dir() and EMBEDDED_ADAPTER.is_dir():
+        return str(EMBEDDED_PIPELINE), str(EMBEDDED_ADAPTER)
+    from conftest import make_tiny_pipeline
+
+    base = make_tiny_pipeline(tmp_path_factory.mktemp("space_base"))
+    return str(base), str(make_tiny_adapter(base, tmp_path_factory.mktemp("space_adapter")))
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def app():
+    return load_space_module("app")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[str, str]:
+    return demo_models(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pipe(app, models):
+    return app.load_pipeline(*models, device="cpu")
+
+
+def test_load_pipeline_uses_dpm_solver_fp32_and_adapter(app, pipe):
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
+    assert app.ADAPTER_NAME in pipe.get_list_adapters()["unet"]
+
+
+def test_generate_returns_image_of_pipeline_size(app, pipe):
+    images = app.generate("a red circle on a white background", "", 1, FAST_STEPS, 5.0, 1.0, pipe=pipe)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert len(images) == 1 and images[0].size == (side, side)
+    assert pixels(images[0]).std() > 0
+
+
+def test_same_seed_same_image_and_different_seed_different_image(app, pipe):
+    first = app.generate("a blue square", seed=7, steps=FAST_STEPS, pipe=pipe)[0]
+    again = app.generate("a blue square", seed=7, steps=FAST_STEPS, pipe=pipe)[0]
+    other = app.generate("a blue square", seed=8, steps=FAST_STEPS, pipe=pipe)[0]
+    assert np.array_equal(pixels(first), pixels(again))
+    assert np.abs(pixels(first) - pixels(other)).mean() > 1.0
+
+
+def test_lora_scale_zero_equals_base_model(app, pipe, models):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    prompt, seed = "a green circle", 3
+    scale_zero = app.generate(prompt, seed=seed, steps=FAST_STEPS, lora_scale=0.0, pipe=pipe)[0]
+    adapter = app.generate(prompt, seed=seed, steps=FAST_STEPS, lora_scale=1.0, pipe=pipe)[0]
+    # The reference is a plain base pipeline that never saw the adapter, built here and not by the app.
+    base = StableDiffusionPipeline.from_pretrained(models[0], use_safetensors=True)
+    base.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
+    reference = base(
+        prompt,
+        num_inference_steps=FAST_STEPS,
+        guidance_scale=app.DEFAULT_GUIDANCE,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    assert np.array_equal(pixels(scale_zero), pixels(reference))
+    assert not np.array_equal(pixels(adapter), pixels(reference)), "the adapter should change the image"
+
+
+def test_compare_with_base_gives_base_and_adapter_from_same_seed(app, pipe):
+    base, adapter = app.generate(
+        "a red square", seed=5, steps=FAST_STEPS, lora_scale=1.0, compare_with_base=True, pipe=pipe
+    )
+    assert np.array_equal(
+        pixels(base), pixels(app.generate("a red square", seed=5, steps=FAST_STEPS, lora_scale=0.0, pipe=pipe)[0])
+    )
+    assert np.array_equal(
+        pixels(adapter), pixels(app.generate("a red square", seed=5, steps=FAST_STEPS, pipe=pipe)[0])
+    )
+    # The shared pipeline is back at full adapter strength afterwards.
+    assert pipe.get_active_adapters() == [app.ADAPTER_NAME]
+
+
+def test_progress_callback_counts_every_step(app, pipe):
+    calls = []
+    app.generate(
+        "a red circle",
+        seed=0,
+        steps=FAST_STEPS,
+        compare_with_base=True,
+        pipe=pipe,
+        on_step=lambda d, t: calls.append((d, t)),
+    )
+    assert calls == [(step, 2 * FAST_STEPS) for step in range(1, 2 * FAST_STEPS + 1)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": ""}, "prompt is empty"),
+        ({"prompt": "   \n\t"}, "prompt is empty"),
+        ({"steps": 0}, "Steps must be"),
+        ({"steps": 1000}, "Steps must be"),
+        ({"steps": 2.5}, "Steps must be"),
+        ({"guidance": -1.0}, "Guidance must be"),
+        ({"guidance": 99.0}, "Guidance must be"),
+        ({"seed": 1.5}, "Seed must be a whole number"),
+        ({"seed": "abc"}, "Seed must be a whole number"),
+        ({"seed": -3}, "Seed must be a whole number"),
+        ({"seed": None}, "Seed must be a whole number"),
+        ({"lora_scale": 2.0}, "LoRA scale must be"),
+    ],
+)
+def test_invalid_inputs_raise_clear_gr_error_before_sampling(app, kwargs, message):
+    class ExplodingPipe:
+        def __getattr__(self, name):
+            raise AssertionError("validation must fail before the pipeline is touched")
+
+    arguments = {"prompt": "a red circle", "seed": 0, "steps": FAST_STEPS, "guidance": 5.0, "lora_scale": 1.0}
+    with pytest.raises(gr.Error, match=message):
+        app.generate(**{**arguments, **kwargs}, pipe=ExplodingPipe())
+
+
+def test_long_prompt_gets_truncation_notice_and_still_generates(app, pipe):
+    limit = pipe.tokenizer.model_max_length
+    long_prompt = " ".join(["red circle"] * limit)
+    notice = app.truncation_notice(long_prompt, pipe.tokenizer)
+    assert f"only {limit}" in notice and "ignored" in notice
+    assert app.truncation_notice("a red circle", pipe.tokenizer) == ""
+    assert app.generate(long_prompt, seed=0, steps=1, pipe=pipe)[0].size[0] > 0
+
+
+def test_randomize_seed(app):
+    assert app.randomize_seed(42, False) == 42
+    seeds = {app.randomize_seed(42, True) for _ in range(20)}
+    assert len(seeds) > 1 and all(0 <= seed <= app.MAX_SEED for seed in seeds)
+
+
+def test_defaults_without_env_point_at_embedded_or_explain(app, monkeypatch):
+    for key in ("BASE_MODEL", "LORA_ADAPTER", "LORA_WEIGHT_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    expected_base = str(EMBEDDED_PIPELINE) if EMBEDDED_PIPELINE.is_dir() else app.HUB_DEFAULT_BASE
+    assert app.default_base() == expected_base
+    if EMBEDDED_ADAPTER.is_dir():
+        assert app.default_adapter() == str(EMBEDDED_ADAPTER)
+    else:
+        with pytest.raises(RuntimeError, match="set LORA_ADAPTER"):
+            app.default_adapter()
+    monkeypatch.setenv("BASE_MODEL", "someone/base")
+    monkeypatch.setenv("LORA_ADAPTER", "someone/adapter")
+    assert (app.default_base(), app.default_adapter()) == ("someone/base", "someone/adapter")
+
+
+def test_examples_come_from_the_adapter_domain(app):
+    examples = app.load_examples()
+    prompts_file = REPO_ROOT / "embedded" / "prompts" / "adapter.txt"
+    assert examples and all(isinstance(text, str) and text.strip() for text in examples)
+    if prompts_file.is_file():
+        assert examples[0] in prompts_file.read_text()
+    else:
+        assert examples == app.FALLBACK_EXAMPLES
+
+
+def test_demo_exposes_generate_api(app, pipe):
+    demo = app.build_demo(pipe, base="base", adapter="adapter")
+    api_names = {fn.api_name for fn in demo.fns.values()}
+    assert "generate" in api_names
+    assert demo._queue.max_size == app.QUEUE_MAX_SIZE
+
+
+# ---- the folder deploys on its own ----
+
+ALLOWED_IMPORTS = {
+    "__future__", "argparse", "collections", "importlib", "os", "pathlib", "re", "shutil", "sys", "tempfile",
+    "threading", "typing",
+    # pip packages, each listed in space/requirements.txt
+    "diffusers", "gradio", "huggingface_hub", "numpy", "packaging", "PIL", "torch",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["app.py", "deploy.py"])
+def test_space_imports_only_stdlib_and_requirements(name):
+    tree = ast.parse((SPACE_DIR / name).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative imports break when the folder is uploaded alone"
+            imported.add(node.module.split(".")[0])
+    assert imported <= ALLOWED_IMPORTS, f"unexpected imports: {imported - ALLOWED_IMPORTS}"
+    requirements = (SPACE_DIR / "requirements.txt").read_text().lower()
+    for package in imported & {"diffusers", "gradio", "huggingface_hub", "numpy", "packaging", "torch"}:
+        assert package in requirements
+
+
+def test_requirements_cover_runtime_without_cpu_pins():
+    lines = [line.split("#")[0].strip() for line in (SPACE_DIR / "requirements.txt").read_text().splitlines()]
+    names = {line.split(">")[0].split("<")[0].split("=")[0].strip().lower() for line in lines if line}
+    assert {"diffusers", "transformers", "peft", "accelerate", "torch", "safetensors", "gradio"} <= names
+    assert not any("+cpu" in line or "download.pytorch.org" in line or "==" in line for line in lines)
+
+
+def test_readme_front_matter_describes_the_space():
+    text = (SPACE_DIR / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["sdk"] == "gradio" and (SPACE_DIR / meta["app_file"]).is_file()
+    assert meta["sdk_version"].split(".")[0] == gr.__version__.split(".")[0]
+    assert str(meta["python_version"]).startswith("3.")
+    assert len(meta["models"]) == 2 and meta["license"]
+    assert 0 < len(meta["short_description"]) <= 60  # the Hub rejects longer descriptions
+
+
+# ---- deploy.py against a fake HfApi ----
+
+
+class FakeHfApi:
+    """Records every call and snapshots uploaded folders (the staging directory is deleted afterwards)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.uploaded: dict[str, bytes] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", (repo_id,), kwargs))
+        return f"https://huggingface.co/spaces/{repo_id}"
+
+    def add_space_variable(self, repo_id, key, value, **kwargs):
+        self.calls.append(("add_space_variable", (repo_id, key, value), kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", (), kwargs))
+        root = Path(kwargs["folder_path"])
+        self.uploaded = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+    def named(self, name):
+        return [call for call in self.calls if call[0] == name]
+
+
+@pytest.fixture()
+def deploy_module():
+    return load_space_module("deploy")
+
+
+def test_deploy_creates_gradio_space_and_uploads_folder_with_adapter(deploy_module, tmp_path):
+    api = FakeHfApi()
+    url = deploy_module.deploy(
+        "alice/shapes-demo", "alice/shapes-lora", base="nota-ai/bk-sdm-tiny", private=True, api=api
+    )
+    assert url.endswith("alice/shapes-demo")
+    ((_, args, kwargs),) = api.named("create_repo")
+    assert args == ("alice/shapes-demo",)
+    assert (
+        kwargs["repo_type"] == "space" and kwargs["space_sdk"] == "gradio" and kwargs["exist_ok"] and kwargs["private"]
+    )
+    variables = {args[1]: args[2] for _, args, _ in api.named("add_space_variable")}
+    assert variables == {"LORA_ADAPTER": "alice/shapes-lora", "BASE_MODEL": "nota-ai/bk-sdm-tiny"}
+    ((_, _, upload),) = api.named("upload_folder")
+    assert upload["repo_id"] == "alice/shapes-demo" and upload["repo_type"] == "space"
+    assert {"app.py", "requirements.txt", "README.md"} <= set(api.uploaded)
+    assert not any("__pycache__" in name or name.endswith(".pyc") for name in api.uploaded)
+    meta = yaml.safe_load(api.uploaded["README.md"].decode().split("---")[1])
+    assert meta["models"] == ["nota-ai/bk-sdm-tiny", "alice/shapes-lora"] and meta["sdk"] == "gradio"
+    assert api.uploaded["app.py"] == (SPACE_DIR / "app.py").read_bytes()
+    # Variables are set before the upload that triggers the Space build.
+    assert [call[0] for call in api.calls][-1] == "upload_folder"
+
+
+def test_deploy_never_writes_or_prints_the_token(deploy_module, monkeypatch, capsys, tmp_path):
+    secret = "hf_secret_test_value"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    # A stray env file in the folder must not be shipped either.
+    space_copy = tmp_path / "space"
+    deploy_module.shutil.copytree(SPACE_DIR, space_copy, ignore=deploy_module.shutil.ignore_patterns("__pycache__"))
+    (space_copy / ".env").write_text(f"HF_TOKEN={secret}\n")
+    api = FakeHfApi()
+    argv = ["--space_id", "alice/demo", "--lora", "alice/lora", "--weight_name", "w.safetensors"]
+    code = deploy_module.main(argv, api=api, space_dir=space_copy)
+    out = capsys.readouterr()
+    assert code == 0 and "alice/demo" in out.out
+    assert secret not in repr(api.calls) and secret not in out.out + out.err
+    assert api.uploaded and not any(secret.encode() in data for data in api.uploaded.values())
+    assert ".env" not in api.uploaded
+    assert ("add_space_variable", ("alice/demo", "LORA_WEIGHT_NAME", "w.safetensors")) in [c[:2] for c in api.calls]
+    assert not any("token" in kwargs for _, _, kwargs in api.calls)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--space_id", "no-namespace", "--lora", "alice/lora"], "--space_id must be a Hub repo id"),
+        (["--space_id", "alice/demo", "--lora", "bad id/with space"], "--lora must be a Hub repo id"),
+        (["--space_id", "alice/demo", "--lora", "SPACE_DIR"], "is a local path"),
+    ],
+)
+def test_deploy_rejects_bad_ids_before_calling_the_hub(deploy_module, capsys, argv, message):
+    argv = [str(SPACE_DIR) if arg == "SPACE_DIR" else arg for arg in argv]
+    api = FakeHfApi()
+    assert deploy_module.main(argv, api=api) == 2
+    assert message in capsys.readouterr().err
+    assert api.calls == []
+
+
+def test_render_readme_replaces_models_only(deploy_module):
+    text = "---\nsdk: gradio\nmodels:\n  - old/base\n  - old/lora\nlicense: mit\n---\n# Title\n"
+    rendered = deploy_module.render_readme(text, "new/base", "new/lora")
+    meta = yaml.safe_load(rendered.split("---")[1])
+    assert meta == {"sdk": "gradio", "license": "mit", "models": ["new/base", "new/lora"]}
+    assert rendered.endswith("# Title\n")
+    with pytest.raises(ValueError, match="front matter"):
+        deploy_module.render_readme("# no front matter\n", "a/b", "c/d")
