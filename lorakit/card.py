@@ -1,0 +1,313 @@
+"""Render the model card (`output_dir/README.md`) from the trainer's output folder and `model_card.md`.
+
+Usage (the trainer calls this at the end of every run, pushed or not; the eval helper after evaluating):
+
+    from lorakit.card import write_model_card, update_card_with_eval
+    write_model_card(output_dir)                      # reads training_config.yaml, train_summary.json, ...
+    update_card_with_eval(output_dir, {"metrics": [...], "table_markdown": "..."})  # see its docstring
+
+Metadata goes through `huggingface_hub.ModelCardData`; the body is the Jinja template `model_card.md` at the
+repository root, rendered with `ModelCard.from_template`. Nothing here talks to the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from lorakit.atomic import atomic_write_json, atomic_write_text
+from lorakit.hub import redact_secrets
+
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+EVAL_FILE = "eval_results.json"
+TAGS = ["text-to-image", "diffusers", "lora", "diffusers-training", "stable-diffusion", "template:sd-lora"]
+# Licences of bases we know; the adapter is a derivative and carries the base's licence.
+KNOWN_LICENSES = {
+    "nota-ai/bk-sdm-tiny": "creativeml-openrail-m",
+    "nota-ai/bk-sdm-small": "creativeml-openrail-m",
+    "nota-ai/bk-sdm-base": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "compvis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-2-1": "openrail++",
+    "stabilityai/stable-diffusion-2-1-base": "openrail++",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_REQUIRED_METRIC_KEYS = ("metric_type", "value", "dataset_name", "dataset_type")
+
+
+def is_hub_id(name: str | None) -> bool:
+    """True for `namespace/name` strings that are not an existing local path."""
+    return bool(name) and bool(_HUB_ID.match(name)) and not Path(name).exists()
+
+
+def _read_run(output_dir: Path) -> tuple[dict, dict, list[dict]]:
+    missing = [n for n in ("training_config.yaml", "train_summary.json") if not (output_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{output_dir} lacks {', '.join(missing)}: the card is rendered from a finished train_lora.py run. "
+            "Point --output_dir at that run's folder."
+        )
+    config = yaml.safe_load((output_dir / "training_config.yaml").read_text(encoding="utf-8")) or {}
+    summary = json.loads((output_dir / "train_summary.json").read_text(encoding="utf-8"))
+    history_path = output_dir / "loss_history.json"
+    history = json.loads(history_path.read_text(encoding="utf-8")).get("history", []) if history_path.is_file() else []
+    return config, summary, history
+
+
+def resolve_license(base_model: str, summary_license: str | None) -> tuple[str, str | None]:
+    """The adapter's licence id and a note when it was not recorded or known."""
+    if summary_license:
+        return summary_license, None
+    if base_model.lower() in KNOWN_LICENSES:
+        return KNOWN_LICENSES[base_model.lower()], None
+    local_readme = Path(base_model) / "README.md"
+    if local_readme.is_file():
+        local_license = ModelCard.load(local_readme).data.get("license")
+        if local_license:
+            return str(local_license), f"read from {local_readme}"
+    return "other", "the base model's licence is not known to lorakit; check it before publishing"
+
+
+def human_size(num_bytes: int) -> str:
+    """Bytes as a short human-readable string (binary units)."""
+    size = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (list, tuple)):
+        value = ", ".join(str(v) for v in value) if value else "–"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def hyperparameter_rows(config: dict) -> list[tuple[str, Any]]:
+    """(`section.key`, value) rows of the resolved config, minus output/Hub plumbing and the prompt list."""
+    rows = []
+    for section in ("model", "data", "lora", "training", "validation"):
+        for key, value in (config.get(section) or {}).items():
+            if section == "validation" and key == "validation_prompts":
+                value = len(value or [])
+                key = "num_validation_prompts"
+            rows.append((f"`{section}.{key}`", value))
+    return rows
+
+
+def usage_snippet(base_model: str, adapter: str, prompt: str, revision: str | None, variant: str | None) -> str:
+    """A Python snippet that loads the base pipeline and this adapter and generates one image."""
+    # json.dumps gives double-quoted literals that are valid Python for any string.
+    q = json.dumps
+    extra = "".join(f", {name}={q(value)}" for name, value in (("revision", revision), ("variant", variant)) if value)
+    return "\n".join(
+        [
+            "import torch",
+            "from diffusers import StableDiffusionPipeline",
+            "",
+            'device = "cuda" if torch.cuda.is_available() else "cpu"',
+            'dtype = torch.float16 if device == "cuda" else torch.float32',
+            f"pipe = StableDiffusionPipeline.from_pretrained({q(base_model)}, torch_dtype=dtype{extra}).to(device)",
+            f"pipe.load_lora_weights({q(adapter)})",
+            "generator = torch.Generator(device).manual_seed(0)",
+            f"image = pipe({q(prompt)}, num_inference_steps=25, guidance_scale=7.5, generator=generator).images[0]",
+            'image.save("lora_sample.png")',
+        ]
+    )
+
+
+def _eval_results(eval_data: dict | None, model_name: str) -> list[EvalResult] | None:
+    if not eval_data or not eval_data.get("metrics"):
+        return None
+    return [
+        EvalResult(
+            task_type=m.get("task_type", "text-to-image"),
+            dataset_type=m["dataset_type"],
+            dataset_name=m["dataset_name"],
+            dataset_split=m.get("dataset_split"),
+            metric_type=m["metric_type"],
+            metric_name=m.get("metric_name"),
+            metric_value=m["value"],
+            source_name=m.get("source_name"),
+        )
+        for m in eval_data["metrics"]
+    ]
+
+
+def validate_eval_results(results: dict) -> dict:
+    """Check the eval input schema (see `update_card_with_eval`) and return a JSON-safe copy."""
+    if not isinstance(results, dict) or not isinstance(results.get("metrics", []), list):
+        raise ValueError('eval results must be a dict like {"metrics": [{...}], "table_markdown": "..."}')
+    for index, metric in enumerate(results.get("metrics", [])):
+        missing = [k for k in _REQUIRED_METRIC_KEYS if k not in metric]
+        if missing:
+            raise ValueError(f"eval metric #{index} lacks {', '.join(missing)}; required: {_REQUIRED_METRIC_KEYS}")
+        if not isinstance(metric["value"], (int, float, str)):
+            raise ValueError(f"eval metric #{index} value must be a number or string, got {metric['value']!r}")
+    if "table_markdown" in results and not isinstance(results["table_markdown"], str):
+        raise ValueError("eval results table_markdown must be a Markdown string")
+    return json.loads(json.dumps(results))
+
+
+def _draw_loss_curve(history: list[dict], path: Path) -> None:
+    # The trainer normally writes loss_curve.png; draw one when only the history survived (e.g. --push_only).
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    from lorakit.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def render_model_card(output_dir: str | os.PathLike, eval_results: dict | None = None, repo_id: str | None = None):
+    """Build the `ModelCard` for a run folder without writing it."""
+    output_dir = Path(output_dir)
+    config, summary, history = _read_run(output_dir)
+    model_cfg, output_cfg = config.get("model") or {}, config.get("output") or {}
+    base_model = str(summary.get("base_model") or model_cfg.get("pretrained_model_name_or_path") or "")
+    if not base_model:
+        raise ValueError(f"{output_dir}/train_summary.json has no base_model; re-run training or add it.")
+    dataset = str(summary.get("dataset") or (config.get("data") or {}).get("dataset_name") or "local data")
+    repo_id = repo_id or output_cfg.get("hub_model_id")
+    model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
+    license_id, license_note = resolve_license(base_model, summary.get("license"))
+    if eval_results is None and (output_dir / EVAL_FILE).is_file():
+        eval_results = json.loads((output_dir / EVAL_FILE).read_text(encoding="utf-8"))
+
+    validation = [v for v in summary.get("validation") or [] if (output_dir / v["image"]).is_file()]
+    prompt = (validation[0]["prompt"] if validation else None) or summary.get("instance_prompt") or "a photo"
+    adapter_path = output_dir / ADAPTER_FILE
+    adapter_bytes = (
+        adapter_path.stat().st_size if adapter_path.is_file() else int(summary.get("adapter_file_bytes", 0))
+    )
+    if not (output_dir / "loss_curve.png").is_file() and history:
+        _draw_loss_curve(history, output_dir / "loss_curve.png")
+
+    card_data = ModelCardData(
+        base_model=base_model if is_hub_id(base_model) else None,
+        library_name="diffusers",
+        license=license_id,
+        license_name="base-model-license" if license_id == "other" else None,
+        datasets=[dataset] if is_hub_id(dataset) else None,
+        tags=list(TAGS),
+        pipeline_tag="text-to-image",
+        model_name=model_name,
+        eval_results=_eval_results(eval_results, model_name),
+        widget=[{"text": v["prompt"], "output": {"url": v["image"]}} for v in validation] or None,
+        instance_prompt=summary.get("instance_prompt") or None,
+    )
+    final_loss = summary.get("final_loss", history[-1]["loss"] if history else None)
+    results_rows = [
+        ("Optimisation steps", summary.get("global_step")),
+        ("Epochs", summary.get("num_train_epochs")),
+        ("Training samples", summary.get("num_samples")),
+        ("Final loss", f"{final_loss:.4g}" if isinstance(final_loss, (int, float)) else final_loss),
+        ("Training time", f"{float(summary.get('train_seconds', 0)):.0f} s"),
+        ("Mixed precision", summary.get("mixed_precision")),
+        ("LoRA trainable parameters", f"{int(summary.get('lora_trainable_parameters', 0)):,}"),
+        ("Adapter file size", f"{human_size(adapter_bytes)} ({adapter_bytes:,} bytes)"),
+    ]
+    metrics = (eval_results or {}).get("metrics") or []
+    variables = {
+        "model_name": model_name,
+        "base_model": base_model,
+        "base_link": f"https://huggingface.co/{base_model}" if is_hub_id(base_model) else None,
+        "is_bk_sdm": "bk-sdm" in base_model.lower(),
+        "license": license_id,
+        "license_note": license_note,
+        "dataset": dataset,
+        "dataset_link": f"https://huggingface.co/datasets/{dataset}" if is_hub_id(dataset) else None,
+        "num_samples": summary.get("num_samples"),
+        "instance_prompt": summary.get("instance_prompt"),
+        "lora_params": int(summary.get("lora_trainable_parameters", 0)),
+        "adapter_size": human_size(adapter_bytes),
+        "snippet": usage_snippet(
+            base_model, repo_id or str(output_dir), prompt, model_cfg.get("revision"), model_cfg.get("variant")
+        ),
+        "kohya_file": KOHYA_FILE if (output_dir / KOHYA_FILE).is_file() else None,
+        "hyperparameter_table": _table(("Setting", "Value"), hyperparameter_rows(config)),
+        "results_table": _table(("Result", "Value"), results_rows),
+        "loss_curve": "loss_curve.png" if (output_dir / "loss_curve.png").is_file() else None,
+        "validation": validation,
+        "validation_grid": "validation_grid.png" if (output_dir / "validation_grid.png").is_file() else None,
+        "validation_table": _table(("Prompt", "Image"), [(v["prompt"], f"![]({v['image']})") for v in validation]),
+        "eval_metrics": metrics,
+        "eval_metrics_table": _table(
+            ("Metric", "Dataset", "Value"),
+            [(m.get("metric_name") or m["metric_type"], m["dataset_name"], m["value"]) for m in metrics],
+        ),
+        "eval_table": (eval_results or {}).get("table_markdown"),
+        "eval_source": (eval_results or {}).get("source"),
+        "command": summary.get("command") or "(command not recorded)",
+    }
+    card = ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **variables)
+    # Jinja block tags leave runs of blank lines; collapse them so the Markdown stays tidy.
+    text = re.sub(r"\n{3,}", "\n\n", redact_secrets(str(card))).rstrip() + "\n"
+    return ModelCard(text)
+
+
+def write_model_card(
+    output_dir: str | os.PathLike, eval_results: dict | None = None, *, repo_id: str | None = None
+) -> Path:
+    """Render `output_dir/README.md` atomically; `repo_id` names the adapter in the usage snippet."""
+    card = render_model_card(output_dir, eval_results=eval_results, repo_id=repo_id)
+    path = Path(output_dir) / "README.md"
+    atomic_write_text(path, str(card))
+    return path
+
+
+def update_card_with_eval(output_dir: str | os.PathLike, results: dict) -> Path:
+    """Store evaluation results in `eval_results.json` and re-render the card with them.
+
+    `results` schema (JSON-serialisable)::
+
+        {
+          "metrics": [                              # -> model-index in the metadata, one EvalResult each
+            {"metric_type": "clip_score",           # required, metric id
+             "metric_name": "CLIP score (ViT-B/32)",  # optional pretty name
+             "value": 27.4,                          # required, number or string
+             "dataset_name": "shapes prompts",       # required, pretty name
+             "dataset_type": "user/shapes-prompts",  # required, dataset id (or a short local name)
+             "dataset_split": "test",                # optional
+             "task_type": "text-to-image"},          # optional, this default
+          ],
+          "table_markdown": "| ... |",              # optional, shown verbatim as the card's Evaluation table
+          "source": "python eval/evaluate.py ...",   # optional, how the numbers were produced
+        }
+    """
+    output_dir = Path(output_dir)
+    clean = validate_eval_results(results)
+    _read_run(output_dir)  # fail on a wrong folder before writing anything into it
+    atomic_write_json(output_dir / EVAL_FILE, clean)
+    return write_model_card(output_dir, eval_results=clean)
