@@ -22,9 +22,21 @@ VALIDATION_PROMPTS = ["a red circle on a white background", "a blue square on a 
 DATASET_ID = "someuser/tiny-shapes"
 
 
-def make_run_folder(out: Path, base: Path, *, prompts: list[str] | None = None, license: str | None = None) -> Path:
-    """Write what `train_lora.py` leaves in `--output_dir` (brief's contract), with a real tiny adapter."""
+def make_run_folder(
+    out: Path,
+    base: Path,
+    *,
+    prompts: list[str] | None = None,
+    license: str | None = None,
+    base_name: str | None = None,
+    instance_prompt: str | None = None,
+) -> Path:
+    """Write what `train_lora.py` leaves in `--output_dir` (brief's contract), with a real tiny adapter.
+
+    `base_name` is what the run records as its base (e.g. a Hub id standing in for the local tiny pipeline).
+    """
     prompts = VALIDATION_PROMPTS if prompts is None else prompts
+    base_name = base_name or str(base)
     out.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None)
     torch.manual_seed(1)
@@ -42,7 +54,7 @@ def make_run_folder(out: Path, base: Path, *, prompts: list[str] | None = None, 
     )
     adapter_bytes = (out / "pytorch_lora_weights.safetensors").stat().st_size
     training_config = {
-        "model": {"pretrained_model_name_or_path": str(base), "revision": None, "variant": None},
+        "model": {"pretrained_model_name_or_path": base_name, "revision": None, "variant": None},
         "data": {
             "dataset_name": DATASET_ID,
             "train_data_dir": None,
@@ -90,7 +102,7 @@ def make_run_folder(out: Path, base: Path, *, prompts: list[str] | None = None, 
         Image.new("RGB", (64, 32)).save(out / "validation" / "step-000005.png")
         Image.new("RGB", (64, 32)).save(out / "validation_grid.png")
     summary = {
-        "base_model": str(base),
+        "base_model": base_name,
         "dataset": DATASET_ID,
         "num_samples": 12,
         "global_step": 18,
@@ -99,11 +111,11 @@ def make_run_folder(out: Path, base: Path, *, prompts: list[str] | None = None, 
         "adapter_file_bytes": adapter_bytes,
         "train_seconds": 12.5,
         "final_loss": history[-1]["loss"],
-        "command": f"python train_lora.py --pretrained_model_name_or_path {base} --dataset_name {DATASET_ID} "
+        "command": f"python train_lora.py --pretrained_model_name_or_path {base_name} --dataset_name {DATASET_ID} "
         f"--output_dir {out} --rank {RANK} --lora_alpha {LORA_ALPHA:g} --max_train_steps 18 --seed 1234",
         "mixed_precision": "no",
         "validation": validation,
-        "instance_prompt": None,
+        "instance_prompt": instance_prompt,
         "license": license,
     }
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
