@@ -1,0 +1,212 @@
+"""Hub push against a recording fake HfApi: one repo, one commit, exactly the right files, no token leaks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import shutil
+from pathlib import Path
+
+import httpx2
+import pytest
+from fake_run import FakeHfApi, make_run_folder, snapshot
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.utils import filter_repo_objects
+
+from lorakit import hub
+from lorakit.card import write_model_card
+from lorakit.hub import PushError, default_repo_id, push_adapter, push_checkpoint, resolve_token
+from lorakit.kohya import export_kohya
+
+SECRET = "hf_secret_test_value"
+EXPECTED_FILES = [
+    "README.md",
+    "loss_curve.png",
+    "loss_history.json",
+    "pytorch_lora_weights.safetensors",
+    "pytorch_lora_weights_kohya.safetensors",
+    "train_summary.json",
+    "training_config.yaml",
+    "validation/final/00.png",
+    "validation/final/01.png",
+    "validation_grid.png",
+]
+
+
+@pytest.fixture(scope="module")
+def template_run(tmp_path_factory, tiny_pipeline_dir):
+    out = make_run_folder(tmp_path_factory.mktemp("hub") / "run", tiny_pipeline_dir, base_name="nota-ai/bk-sdm-tiny")
+    export_kohya(out)
+    return out
+
+
+@pytest.fixture
+def run_dir(template_run, tmp_path):
+    return shutil.copytree(template_run, tmp_path / "shapes-lora")
+
+
+@pytest.fixture
+def token_env(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    return SECRET
+
+
+@pytest.fixture
+def no_token(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+
+
+def _http_error(status: int, message: str) -> HfHubHTTPError:
+    request = httpx2.Request("POST", "https://huggingface.co/api/models/alice/shapes-lora/commit/main")
+    return HfHubHTTPError(message, response=httpx2.Response(status, request=request))
+
+
+def test_push_creates_repo_once_and_uploads_exactly_the_artefacts_in_one_commit(run_dir, token_env):
+    api = FakeHfApi(user="alice")
+    url = push_adapter(run_dir, api=api)
+    assert url == "https://huggingface.co/alice/shapes-lora"
+    assert api.count("create_repo") == 1 and api.count("upload_folder") == 1
+    create = next(kwargs for name, kwargs in api.calls if name == "create_repo")
+    assert create["repo_id"] == "alice/shapes-lora" and create["exist_ok"] is True and create["private"] is False
+    (commit,) = api.commits
+    assert commit["revision"] == "main"
+    assert commit["files"] == EXPECTED_FILES
+    assert not any(
+        f.startswith(("checkpoint-", "logs/")) or "optimizer" in f or f.endswith(".tmp") for f in commit["files"]
+    )
+    # The pushed card's snippet names the repo it was pushed to.
+    assert 'load_lora_weights("alice/shapes-lora")' in (run_dir / "README.md").read_text()
+
+
+def test_push_with_explicit_repo_private_and_no_validation(tiny_pipeline_dir, tmp_path, token_env):
+    run_dir = make_run_folder(tmp_path / "noval", tiny_pipeline_dir, prompts=[])
+    api = FakeHfApi()
+    push_adapter(run_dir, repo_id="team/tiny-lora", private=True, api=api)
+    assert api.count("whoami") == 0
+    create = next(kwargs for name, kwargs in api.calls if name == "create_repo")
+    assert create["repo_id"] == "team/tiny-lora" and create["private"] is True
+    (commit,) = api.commits
+    assert commit["files"] == [
+        "README.md",
+        "loss_curve.png",
+        "loss_history.json",
+        "pytorch_lora_weights.safetensors",
+        "train_summary.json",
+        "training_config.yaml",
+    ]
+    assert ModelCard.load(run_dir / "README.md").data.to_dict().get("widget") is None
+
+
+def test_token_never_reaches_files_output_logs_or_errors(run_dir, token_env, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    write_model_card(run_dir)
+    export_kohya(run_dir)
+    push_adapter(run_dir, api=FakeHfApi())
+    push_checkpoint(run_dir / "checkpoint-5", "alice/shapes-lora", 5, api=FakeHfApi())
+    # A server error that echoes the token must not carry it into our message.
+    failing = FakeHfApi(fail=_http_error(403, f"Forbidden for token {SECRET}"))
+    with pytest.raises(PushError) as excinfo:
+        push_adapter(run_dir, api=failing)
+    assert excinfo.value.__cause__ is None and excinfo.value.__context__ is not None
+    captured = capsys.readouterr()
+    for path in Path(run_dir).rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in captured.out and SECRET not in captured.err
+    assert SECRET not in caplog.text
+    assert SECRET not in str(excinfo.value) and SECRET not in repr(excinfo.value)
+    assert "***" in str(excinfo.value)
+
+
+def test_card_redacts_a_token_typed_into_the_command(run_dir, token_env):
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    summary["command"] = f"HF_TOKEN={SECRET} python train_lora.py --output_dir out"
+    (run_dir / "train_summary.json").write_text(json.dumps(summary))
+    text = write_model_card(run_dir).read_text()
+    assert SECRET not in text and "HF_TOKEN=*** python train_lora.py" in text
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        (httpx2.ConnectError("connection refused"), "network error"),
+        (_http_error(403, "403 Forbidden"), "permission denied (HTTP 403)"),
+        (_http_error(401, "401 Unauthorized"), "invalid or expired"),
+        (OfflineModeIsEnabled("offline"), "HF_HUB_OFFLINE=1"),
+    ],
+)
+def test_push_failure_keeps_output_and_names_cause_and_retry(run_dir, token_env, error, cause):
+    write_model_card(run_dir, repo_id="alice/shapes-lora")  # the card a push would render, so bytes can match
+    before = snapshot(run_dir)
+    with pytest.raises(PushError) as excinfo:
+        push_adapter(run_dir, repo_id="alice/shapes-lora", api=FakeHfApi(fail=error))
+    message = str(excinfo.value)
+    assert cause in message
+    assert f"python train_lora.py --push_only --output_dir {run_dir} --hub_model_id alice/shapes-lora" in message
+    assert f"hf upload alice/shapes-lora {run_dir} ." in message
+    assert snapshot(run_dir) == before
+
+
+def test_hf_upload_retry_command_selects_the_same_files_as_the_push(run_dir, token_env):
+    api = FakeHfApi()
+    push_adapter(run_dir, repo_id="alice/shapes-lora", api=api)
+    command = next(line.strip() for line in hub.retry_commands(run_dir, "alice/shapes-lora") if "hf upload" in line)
+    argv = shlex.split(command)
+    includes = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--include"]
+    excludes = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--exclude"]
+    files = [p.relative_to(run_dir).as_posix() for p in sorted(run_dir.rglob("*")) if p.is_file()]
+    selected = sorted(filter_repo_objects(files, allow_patterns=includes, ignore_patterns=excludes))
+    assert selected == api.commits[0]["files"]
+
+
+def test_push_without_token_says_how_to_log_in_and_touches_nothing(run_dir, no_token):
+    assert resolve_token() is None
+    api = FakeHfApi()
+    before = snapshot(run_dir)
+    with pytest.raises(PushError, match="hf auth login") as excinfo:
+        push_adapter(run_dir, api=api)
+    assert "no Hugging Face token found" in str(excinfo.value) and "--push_only" in str(excinfo.value)
+    assert api.calls == []
+    assert snapshot(run_dir) == before
+
+
+def test_push_of_unfinished_run_is_refused_before_any_hub_call(tmp_path, token_env):
+    api = FakeHfApi()
+    with pytest.raises(PushError, match="pytorch_lora_weights.safetensors"):
+        push_adapter(tmp_path, api=api)
+    assert api.calls == []
+
+
+def test_checkpoint_push_goes_to_branch_without_optimizer_state(run_dir, token_env):
+    api = FakeHfApi()
+    url = push_checkpoint(run_dir / "checkpoint-5", "alice/shapes-lora", 5, api=api)
+    assert url.endswith("/alice/shapes-lora/tree/checkpoints/checkpoint-5")
+    branch = next(kwargs for name, kwargs in api.calls if name == "create_branch")
+    assert branch["branch"] == "checkpoints" and branch["exist_ok"] is True
+    (commit,) = api.commits
+    assert commit["revision"] == "checkpoints"
+    assert commit["files"] == ["checkpoint-5/model.safetensors"]
+
+
+def test_checkpoint_push_failure_names_branch_retry(run_dir, token_env):
+    api = FakeHfApi(fail=httpx2.ConnectError("down"), fail_on="create_branch")
+    with pytest.raises(PushError, match="--revision checkpoints") as excinfo:
+        push_checkpoint(run_dir / "checkpoint-5", "alice/shapes-lora", 5, api=api)
+    assert "network error" in str(excinfo.value)
+    assert api.commits == []
+
+
+def test_resolve_token_prefers_env_then_login_cache(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    assert resolve_token() == SECRET
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_from_login_cache")
+    assert resolve_token() == "hf_from_login_cache"
+
+
+def test_default_repo_id_uses_namespace_and_sanitised_folder_name(tmp_path):
+    assert default_repo_id(tmp_path / "my run (v2)", FakeHfApi(user="bob")) == "bob/my-run-v2"
