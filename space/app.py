@@ -248,16 +248,15 @@ def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: s
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", placeholder="a red circle on a white background", scale=4)
             run_button = gr.Button("Run", variant="primary", scale=1)
-        result = gr.Image(label="Result", type="pil", format="png", height=320)
-        info = gr.Markdown("Seed used: —")
-        gallery = gr.Gallery(
-            label="Base model | adapter (same seed)", columns=2, format="png", height=320, visible=False
-        )
+        result = gr.Image(label="Result", type="pil", format="png", height=320, elem_id="result")
+        info = gr.Markdown("Seed used: —", label="Info", show_label=False)
+        gallery = gr.Gallery(label="Base vs adapter", columns=2, format="png", height=320, visible=False)
         compare = gr.Checkbox(label="Compare with base model (same seed, side by side)", value=False)
         with gr.Accordion("Advanced", open=False):
             negative_prompt = gr.Textbox(label="Negative prompt", placeholder="what the image should not show")
             with gr.Row():
-                seed = gr.Number(label="Seed", value=0, minimum=0, maximum=MAX_SEED, precision=None)
+                # No minimum/maximum here: validate_inputs gives a message that names the seed and its range.
+                seed = gr.Number(label="Seed", value=0, precision=None)
                 randomize = gr.Checkbox(label="Randomize seed", value=True)
             with gr.Row():
                 steps = gr.Slider(MIN_STEPS, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
