@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -62,6 +63,10 @@ def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], lora_alpha: float) -
     if not any(".lora_A." in key for key in peft_state):
         raise ValueError("Expected a diffusers/peft LoRA state dict (keys with .lora_A/.lora.down); found none.")
     kohya_state = convert_state_dict_to_kohya(peft_state)
+    # transformers 5 dropped CLIPTextModel's `text_model.` level; webui loaders expect the original CLIP names.
+    kohya_state = {
+        re.sub(r"^(lora_te[12]?)_(?!text_model_)", r"\1_text_model_", key): value for key, value in kohya_state.items()
+    }
     for key in kohya_state:
         if key.endswith(".alpha"):
             # diffusers writes alpha = rank (scale 1); the trained scale is lora_alpha / rank.

@@ -11,13 +11,14 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub.utils import filter_repo_objects
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 RANK = 4
 LORA_ALPHA = 8.0  # deliberately != RANK, so a lost alpha changes the output
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 VALIDATION_PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 DATASET_ID = "someuser/tiny-shapes"
 
@@ -30,6 +31,7 @@ def make_run_folder(
     license: str | None = None,
     base_name: str | None = None,
     instance_prompt: str | None = None,
+    train_text_encoder: bool = False,
 ) -> Path:
     """Write what `train_lora.py` leaves in `--output_dir` (brief's contract), with a real tiny adapter.
 
@@ -49,8 +51,22 @@ def make_run_folder(
                 param.mul_(20.0)
     lora_params = sum(p.numel() for n, p in pipe.unet.named_parameters() if "lora_" in n)
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    te_kwargs = {}
+    if train_text_encoder:
+        te_config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, init_lora_weights=False, target_modules=TEXT_TARGETS)
+        # transformers 5's add_adapter wants peft >= 0.22; peft's own injection works with what is installed.
+        inject_adapter_in_model(te_config, pipe.text_encoder)
+        with torch.no_grad():
+            for name, param in pipe.text_encoder.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(20.0)
+        lora_params += sum(p.numel() for n, p in pipe.text_encoder.named_parameters() if "lora_" in n)
+        te_kwargs = {
+            "text_encoder_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.text_encoder)),
+            "text_encoder_lora_adapter_metadata": te_config.to_dict(),
+        }
     StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True
+        out, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True, **te_kwargs
     )
     adapter_bytes = (out / "pytorch_lora_weights.safetensors").stat().st_size
     training_config = {
@@ -67,7 +83,7 @@ def make_run_folder(
             "lora_alpha": LORA_ALPHA,
             "lora_dropout": 0.0,
             "target_modules": TARGETS,
-            "train_text_encoder": False,
+            "train_text_encoder": train_text_encoder,
         },
         "training": {
             "learning_rate": 1e-4,

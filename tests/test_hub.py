@@ -210,3 +210,17 @@ def test_resolve_token_prefers_env_then_login_cache(monkeypatch):
 
 def test_default_repo_id_uses_namespace_and_sanitised_folder_name(tmp_path):
     assert default_repo_id(tmp_path / "my run (v2)", FakeHfApi(user="bob")) == "bob/my-run-v2"
+
+
+def test_real_hfapi_path_reports_offline_mode_with_retry(run_dir, token_env, monkeypatch, capsys, caplog):
+    # No fake: push_adapter builds a real HfApi from the env token; offline mode blocks the first request
+    # (whoami), exactly where a missing network would fail.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    caplog.set_level(logging.DEBUG)
+    before = snapshot(run_dir)
+    with pytest.raises(PushError, match="HF_HUB_OFFLINE=1") as excinfo:
+        push_adapter(run_dir)
+    assert "--push_only" in str(excinfo.value) and "<your-username>/shapes-lora" in str(excinfo.value)
+    assert snapshot(run_dir) == before
+    captured = capsys.readouterr()
+    assert SECRET not in str(excinfo.value) + captured.out + captured.err + caplog.text

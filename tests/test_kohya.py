@@ -89,3 +89,18 @@ def test_kohya_export_errors_name_the_fix(run_dir, tmp_path):
         export_kohya(broken)
     with pytest.raises(ValueError, match="LoRA state dict"):
         diffusers_to_kohya({"unet.conv_in.weight": torch.zeros(1)}, 4.0)
+
+
+def test_kohya_text_encoder_lora_uses_webui_clip_names_and_round_trips(tmp_path, tiny_pipeline_dir):
+    run_dir = make_run_folder(tmp_path / "te", tiny_pipeline_dir, train_text_encoder=True)
+    kohya = load_file(export_kohya(run_dir))
+    te_keys = [k for k in kohya if k.startswith("lora_te")]
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in te_keys
+    assert all(k.startswith("lora_te1_text_model_encoder_layers_") for k in te_keys)
+    assert {float(kohya[k]) for k in te_keys if k.endswith(".alpha")} == {LORA_ALPHA}
+    diffusers_out = _generate(tiny_pipeline_dir, run_dir, ADAPTER_FILE)
+    kohya_out = _generate(tiny_pipeline_dir, run_dir, KOHYA_FILE)
+    assert torch.allclose(diffusers_out, kohya_out, atol=1e-5)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    pipe.load_lora_weights(run_dir, weight_name=KOHYA_FILE)
+    assert any("lora" in name for name, _ in pipe.text_encoder.named_parameters())
