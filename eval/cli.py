@@ -1,0 +1,92 @@
+"""`python -m eval`: base against base + LoRA, offline on the embedded world when run with no arguments."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from eval.generate import GenerationSettings
+from eval.prompts import EvalInputError, default_candidates_file, default_prompt_files
+from eval.run import EvalOptions, evaluate
+from lorakit.lora import ADAPTER_WEIGHT_NAME
+from lorakit.paths import EMBEDDED_CLIP, EMBEDDED_DEMO_ADAPTER, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS, REPO_ROOT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
+    parser.add_argument("--base", help=f"Base pipeline folder or Hub id (default: {EMBEDDED_PIPELINE}).")
+    parser.add_argument("--lora", help="Adapter folder/file or Hub id (default: output/ if trained, else the demo).")
+    parser.add_argument("--prompts", nargs="+", help=f"Prompt files, one prompt a line (default: {EMBEDDED_PROMPTS}).")
+    parser.add_argument("--candidates", help="Extra candidate prompts for R-precision (default: the world captions).")
+    parser.add_argument("--clip_model", help=f"CLIP folder or Hub id (default: {EMBEDDED_CLIP}).")
+    parser.add_argument("--output_dir", default="eval_output", help="Where the report is written.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Seeds; one image per prompt and seed.")
+    parser.add_argument("--steps", type=int, default=25, help="Sampler steps.")
+    parser.add_argument("--guidance", type=float, default=7.5, help="Classifier-free guidance scale.")
+    parser.add_argument("--resolution", type=int, help="Image size in pixels (default: the base's native size).")
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call.")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available).")
+    parser.add_argument("--update_card", metavar="DIR", help="Write results into DIR/README.md (model-index + table).")
+    return parser
+
+
+def default_lora() -> Path:
+    """The adapter the main command trained (output/), else the committed demo adapter."""
+    for folder in (Path.cwd() / "output", REPO_ROOT / "output"):
+        if (folder / ADAPTER_WEIGHT_NAME).is_file():
+            return folder
+    return EMBEDDED_DEMO_ADAPTER
+
+
+def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
+    """Parse and validate arguments, filling in the embedded defaults; no model is loaded here."""
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        raise EvalInputError("--steps and --batch_size must be at least 1.")
+    if args.resolution is not None and args.resolution % 8:
+        raise EvalInputError(f"--resolution must be a multiple of 8, got {args.resolution}.")
+    prompts = args.prompts or [str(p) for p in default_prompt_files()]
+    if not prompts:
+        raise EvalInputError(f"No prompt files in {EMBEDDED_PROMPTS}: pass --prompts FILE [FILE ...].")
+    candidates = args.candidates or (None if args.prompts else default_candidates_file())
+    generation = GenerationSettings(
+        seeds=tuple(dict.fromkeys(args.seeds)),
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.resolution,
+        width=args.resolution,
+        batch_size=args.batch_size,
+    )
+    return EvalOptions(
+        base=str(args.base or EMBEDDED_PIPELINE),
+        lora=str(args.lora or default_lora()),
+        clip_model=str(args.clip_model or EMBEDDED_CLIP),
+        prompts=prompts,
+        candidates=str(candidates) if candidates else None,
+        output_dir=args.output_dir,
+        generation=generation,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        update_card=args.update_card,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: exit code 0 on success, 2 on bad input (with the reason on stderr)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        options = options_from_args(argv)
+        results = evaluate(options)
+    except EvalInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from eval.report import markdown_table
+
+    print(markdown_table(results))
+    print(f"Report written to {Path(options.output_dir).resolve()}")
+    return 0

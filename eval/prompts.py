@@ -1,0 +1,67 @@
+"""Prompt files: plain text, one prompt a line; blank lines and `#` comments are ignored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorakit.paths import EMBEDDED_PROMPTS
+
+# Files in the embedded prompt folder that list candidate captions rather than prompts to generate.
+CANDIDATE_FILE_NAMES = ("candidates.txt", "world_captions.txt", "captions.txt")
+
+
+class EvalInputError(ValueError):
+    """Bad input to the evaluation, found before any model runs."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of one file, named after it (`heldout.txt` -> `heldout`)."""
+
+    name: str
+    path: Path
+    prompts: tuple[str, ...]
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts in `path`; raises EvalInputError if the file is missing or holds no prompt."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"Prompt file not found: {path}. Pass --prompts with existing files, one prompt a line.")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise EvalInputError(f"Prompt file {path} is empty: write one prompt per line.")
+    return prompts
+
+
+def load_prompt_sets(paths: list[str | Path]) -> list[PromptSet]:
+    """One PromptSet per file, in the order given; file stems must be distinct."""
+    if not paths:
+        raise EvalInputError("No prompt files: pass --prompts FILE [FILE ...] (one prompt a line).")
+    sets = [PromptSet(Path(p).stem, Path(p), tuple(read_prompt_file(p))) for p in paths]
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise EvalInputError(f"Prompt files need distinct names (the report keys on them): {names}")
+    return sets
+
+
+def default_prompt_files(folder: Path = EMBEDDED_PROMPTS) -> list[Path]:
+    """The embedded prompt sets (every *.txt but candidate lists), sorted by name."""
+    return sorted(p for p in folder.glob("*.txt") if p.name not in CANDIDATE_FILE_NAMES)
+
+
+def default_candidates_file(folder: Path = EMBEDDED_PROMPTS) -> Path | None:
+    """The embedded world's full caption list, if the embedded world ships one."""
+    for name in CANDIDATE_FILE_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def candidate_prompts(prompt_sets: list[PromptSet], candidates_file: str | Path | None) -> list[str]:
+    """R-precision candidates: the candidates file if given, plus every evaluated prompt; duplicates removed."""
+    extra = read_prompt_file(candidates_file) if candidates_file is not None else []
+    evaluated = [prompt for prompt_set in prompt_sets for prompt in prompt_set.prompts]
+    return list(dict.fromkeys([*extra, *evaluated]))

@@ -1,0 +1,98 @@
+"""Report files: eval_results.json, eval_results.md (Markdown table) and comparison_grid.png."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from lorakit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+RESULTS_JSON = "eval_results.json"
+RESULTS_MD = "eval_results.md"
+GRID_PNG = "comparison_grid.png"
+METRICS = (("clip_score", "CLIP score"), ("r_precision_top1", "R-precision@1"), ("mean_rank", "mean rank"))
+
+
+def markdown_table(results: dict) -> str:
+    """The results as Markdown: one row per prompt set, base and adapter side by side, then sizes and speed."""
+    lines = [
+        f"Base `{results['base']}` against base + LoRA `{results['lora']}`, judged by CLIP `{results['clip_model']}` "
+        f"({results['num_candidates']} candidate prompts for R-precision; mean rank 1 is best).",
+        "",
+        "| prompt set | prompts | images | " + "".join(f"{label} base | {label} LoRA | " for _, label in METRICS),
+        "|---|---:|---:|" + "---:|---:|" * len(METRICS),
+    ]
+    for row in results["prompt_sets"]:
+        cells = [row["name"], str(row["num_prompts"]), str(row["num_images"])]
+        for key, _ in METRICS:
+            cells += [f"{row['base'][key]:.3f}", f"{row['adapter'][key]:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    params, timing = results["parameters"], results["timing"]
+    lines += [
+        "",
+        "| component | parameters |",
+        "|---|---:|",
+        *(
+            f"| {name} | {params[key]:,} |"
+            for key, name in (
+                ("text_encoder", "text encoder"),
+                ("unet", "UNet"),
+                ("vae_encoder", "VAE encoder"),
+                ("vae_decoder", "VAE decoder"),
+                ("vae", "VAE total"),
+                ("pipeline", "whole pipeline"),
+                ("lora", "LoRA adapter"),
+            )
+        ),
+        f"| LoRA share of UNet | {100 * params['lora_share_of_unet']:.3f} % |",
+        f"| adapter file size | {params['adapter_file_bytes']:,} bytes |",
+        "",
+        f"Seconds per image ({results['settings']['device']}, {results['settings']['num_inference_steps']} steps, "
+        f"guidance {results['settings']['guidance_scale']}, {results['settings']['height']}x"
+        f"{results['settings']['width']} px): base {timing['base_seconds_per_image']:.3f}, "
+        f"base + LoRA {timing['adapter_seconds_per_image']:.3f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _label(text: str, width: int, height: int = 14) -> Image.Image:
+    """A white strip with `text` in the default font, cut to fit."""
+    strip = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    max_chars = max(width // 6, 4)
+    draw.text((2, 1), text if len(text) <= max_chars else text[: max_chars - 1] + "…", fill=(0, 0, 0))
+    return strip
+
+
+def comparison_grid(base: torch.Tensor, adapter: torch.Tensor, prompts: list[str], cell: int = 128) -> Image.Image:
+    """Rows: prompts (first seed); columns: base | adapter; a caption strip above each row."""
+    label_height, pad = 14, 4
+    width = 2 * cell + 3 * pad
+    grid = Image.new("RGB", (width, label_height + len(prompts) * (cell + label_height + pad) + pad), (255, 255, 255))
+    header = Image.new("RGB", (width, label_height), (255, 255, 255))
+    ImageDraw.Draw(header).text((pad, 1), "base", fill=(0, 0, 0))
+    ImageDraw.Draw(header).text((2 * pad + cell, 1), "base + LoRA", fill=(0, 0, 0))
+    grid.paste(header, (0, 0))
+    for row, prompt in enumerate(prompts):
+        top = label_height + row * (cell + label_height + pad)
+        grid.paste(_label(prompt, width), (0, top))
+        for column, images in enumerate((base, adapter)):
+            tile = Image.fromarray(images[row].permute(1, 2, 0).numpy()).resize((cell, cell), Image.NEAREST)
+            grid.paste(tile, (pad + column * (cell + pad), top + label_height))
+    return grid
+
+
+def write_report(results: dict, grid: Image.Image, output_dir: str | Path) -> dict[str, Path]:
+    """Write the three report files atomically; returns their paths."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / RESULTS_JSON, "markdown": output_dir / RESULTS_MD, "grid": output_dir / GRID_PNG}
+    atomic_write_json(paths["json"], results)
+    atomic_write_text(paths["markdown"], markdown_table(results))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    atomic_write_bytes(paths["grid"], buffer.getvalue())
+    return paths

@@ -1,0 +1,146 @@
+"""The evaluation run: validate inputs, generate base then base + adapter on one pipeline, measure, report."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from eval.generate import Generated, GenerationSettings, generate, native_resolution, warm_up
+from eval.models import adapter_state_dict, attach_adapter, check_adapter_fits, load_clip, load_pipeline
+from eval.prompts import PromptSet, candidate_prompts, load_prompt_sets
+from eval.report import comparison_grid, write_report
+from lorakit.lora import ADAPTER_WEIGHT_NAME
+from lorakit.metrics import clip_r_precision, clip_score
+from lorakit.params import pipeline_parameter_counts
+
+
+@dataclass
+class EvalOptions:
+    """Resolved options of one evaluation (cli.py fills in the embedded defaults)."""
+
+    base: str
+    lora: str
+    clip_model: str
+    prompts: list[str]
+    candidates: str | None = None
+    output_dir: str = "eval_output"
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    device: str = "cpu"
+    update_card: str | None = None
+
+
+def adapter_file_bytes(lora: str) -> int | None:
+    """Size on disk of the adapter weights (local folder/file, or the Hub cache); None if unknown."""
+    path = Path(lora)
+    if path.is_file():
+        return path.stat().st_size
+    if (path / ADAPTER_WEIGHT_NAME).is_file():
+        return (path / ADAPTER_WEIGHT_NAME).stat().st_size
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(lora, ADAPTER_WEIGHT_NAME)
+    return Path(cached).stat().st_size if isinstance(cached, str) else None
+
+
+def lora_values(state_dict: dict[str, torch.Tensor]) -> int:
+    """Trainable LoRA parameters stored in an adapter (down/up matrices; alpha scalars excluded)."""
+    return sum(t.numel() for key, t in state_dict.items() if "lora" in key and not key.endswith(".alpha"))
+
+
+def score_set(images: torch.Tensor, prompts: tuple[str, ...], candidates: list[str], clip: tuple) -> dict[str, float]:
+    """CLIP score and R-precision of one prompt set's images."""
+    model, processor = clip
+    ranking = clip_r_precision(images, list(prompts), candidates, model, processor)
+    return {
+        "clip_score": clip_score(images, list(prompts), model, processor),
+        "r_precision_top1": ranking.top1,
+        "mean_rank": ranking.mean_rank,
+    }
+
+
+def _slices(prompt_sets: list[PromptSet], num_seeds: int) -> list[slice]:
+    """Where each set's images sit in the prompt-major, seed-minor generation order."""
+    slices, start = [], 0
+    for prompt_set in prompt_sets:
+        stop = start + len(prompt_set.prompts) * num_seeds
+        slices.append(slice(start, stop))
+        start = stop
+    return slices
+
+
+def evaluate(options: EvalOptions) -> dict:
+    """Run the whole evaluation and write the report; returns the results dict (as in eval_results.json)."""
+    # Cheap checks first: prompt files, CLIP, base, adapter shapes; only then generation.
+    prompt_sets = load_prompt_sets(options.prompts)
+    candidates = candidate_prompts(prompt_sets, options.candidates)
+    clip = load_clip(options.clip_model, options.device)
+    dtype = torch.float16 if options.device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(options.base, options.device, dtype)
+    state_dict = adapter_state_dict(options.lora)
+    check_adapter_fits(state_dict, pipe, options.base, options.lora)
+
+    counts = pipeline_parameter_counts(pipe.unet, pipe.text_encoder, pipe.vae).to_dict()
+    lora_count = lora_values(state_dict)
+    settings = options.generation
+    prompts = [prompt for prompt_set in prompt_sets for prompt in prompt_set.prompts]
+
+    warm_up(pipe, settings)
+    base = generate(pipe, prompts, settings, label="base")
+    attach_adapter(pipe, options.lora, options.base)  # same pipeline object: no second copy of the base
+    adapted = generate(pipe, prompts, settings, label="base + LoRA")
+
+    rows = []
+    for prompt_set, where in zip(prompt_sets, _slices(prompt_sets, len(settings.seeds)), strict=True):
+        set_prompts = base.prompts[where]
+        rows.append(
+            {
+                "name": prompt_set.name,
+                "file": str(prompt_set.path),
+                "num_prompts": len(prompt_set.prompts),
+                "num_images": len(set_prompts),
+                "base": score_set(base.images[where], set_prompts, candidates, clip),
+                "adapter": score_set(adapted.images[where], set_prompts, candidates, clip),
+            }
+        )
+    size = native_resolution(pipe)
+    results = {
+        "base": options.base,
+        "lora": options.lora,
+        "clip_model": options.clip_model,
+        "num_candidates": len(candidates),
+        "candidates_file": options.candidates,
+        "settings": {
+            **asdict(settings),
+            "seeds": list(settings.seeds),
+            "height": settings.height or size,
+            "width": settings.width or size,
+            "scheduler": type(pipe.scheduler).__name__,
+            "device": options.device if options.device != "cpu" else f"cpu ({platform.machine()})",
+            "dtype": str(dtype).replace("torch.", ""),
+        },
+        "prompt_sets": rows,
+        "parameters": {
+            **counts,
+            "lora": lora_count,
+            "lora_share_of_unet": lora_count / counts["unet"],
+            "adapter_file_bytes": adapter_file_bytes(options.lora),
+        },
+        "timing": {
+            "base_seconds_per_image": base.seconds_per_image,
+            "adapter_seconds_per_image": adapted.seconds_per_image,
+        },
+    }
+    write_report(results, comparison_grid(*_first_seed(base, adapted, len(settings.seeds))), options.output_dir)
+    if options.update_card:
+        from eval.card import update_card
+
+        update_card(options.update_card, results)
+    return results
+
+
+def _first_seed(base: Generated, adapted: Generated, num_seeds: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Grid inputs: one image per prompt (its first seed) from each run."""
+    return base.images[::num_seeds], adapted.images[::num_seeds], list(base.prompts[::num_seeds])

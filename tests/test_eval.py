@@ -1,0 +1,370 @@
+"""eval/ and lorakit.metrics: CLIP score, R-precision, reproducibility, report files, card update, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_WORDS
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from huggingface_hub import ModelCard
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+from eval.cli import main, options_from_args
+from eval.generate import GenerationSettings, generate
+from eval.models import adapter_mismatches, adapter_state_dict, load_clip
+from eval.prompts import EvalInputError, candidate_prompts, load_prompt_sets, read_prompt_file
+from eval.run import EvalOptions, evaluate
+from lorakit.metrics import clip_embeddings, clip_r_precision, clip_score, r_precision, truncate_prompts
+from lorakit.paths import EMBEDDED_CLIP, EMBEDDED_PIPELINE
+from lorakit.tokenizer import build_clip_tokenizer
+
+PROMPTS = ["a red circle on a white background", "a blue square on a white background"]
+
+
+# ---------- fixtures ----------
+
+
+def _tiny_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
+    """A randomly initialised ~20k-parameter CLIP on 32 px images with the tiny-world tokenizer."""
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
+    text = {
+        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+    }  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}  # fmt: skip
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def _load_imagefolder(folder: Path) -> tuple[torch.Tensor, list[str]]:
+    """(N, 3, H, W) uint8 images and their captions from an imagefolder's metadata.jsonl."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    caption_key = "text" if "text" in rows[0] else next(k for k in rows[0] if k != "file_name")
+    images = [torch.from_numpy(np.array(Image.open(folder / row["file_name"]).convert("RGB"))) for row in rows]
+    return torch.stack(images).permute(0, 3, 1, 2).contiguous(), [r[caption_key] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def random_clip_dir(tmp_path_factory) -> Path:
+    model, processor = _tiny_clip()
+    folder = tmp_path_factory.mktemp("random_clip")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def random_clip(random_clip_dir):
+    return load_clip(str(random_clip_dir))
+
+
+def _train_clip(model: CLIPModel, processor: CLIPProcessor, images: torch.Tensor, captions: list[str], steps: int):
+    """A few contrastive steps (image -> its caption among the distinct captions), as CLIP is trained."""
+    pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+    distinct = list(dict.fromkeys(captions))
+    tokens = processor(text=distinct, return_tensors="pt", padding=True)
+    targets = torch.tensor([distinct.index(caption) for caption in captions])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        image_emb = torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        text_emb = torch.nn.functional.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+        loss = torch.nn.functional.cross_entropy(10 * image_emb @ text_emb.T, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_clip(tiny_dataset_dir):
+    """The tiny CLIP after 120 contrastive steps on the tiny dataset: a judge trained to match its pairs."""
+    model, processor = _tiny_clip()
+    images, captions = _load_imagefolder(tiny_dataset_dir)
+    torch.manual_seed(0)
+    return _train_clip(model, processor, images, captions, steps=120), processor
+
+
+def _save_adapter(pipe_unet: UNet2DConditionModel, out_dir: Path, seed: int = 1) -> Path:
+    torch.manual_seed(seed)
+    # init_lora_weights=False: B is random too, so the adapter visibly changes the output (diffusers' test idiom).
+    pipe_unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe_unet))
+    StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    return _save_adapter(pipe.unet, tmp_path_factory.mktemp("tiny_adapter"))
+
+
+@pytest.fixture(scope="module")
+def mismatched_adapter_dir(tmp_path_factory) -> Path:
+    """An adapter for a UNet with cross_attention_dim 8 (the tiny base has 16): attn2 shapes do not fit."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=8, cross_attention_dim=8, attention_head_dim=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )  # fmt: skip
+    return _save_adapter(unet, tmp_path_factory.mktemp("bad_adapter"))
+
+
+@pytest.fixture()
+def prompt_files(tmp_path) -> list[Path]:
+    (tmp_path / "base.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "heldout.txt").write_text("# held-out combinations\na green square on a black background\n\n")
+    return [tmp_path / "base.txt", tmp_path / "heldout.txt"]
+
+
+# ---------- pure metric functions ----------
+
+
+def test_r_precision_on_hand_built_similarity():
+    # Image 0: own candidate 0 is highest (rank 1). Image 1: own candidate 2 is beaten by candidate 0 (rank 2).
+    # Image 2: own candidate 1 is the lowest of three (rank 3).
+    similarity = torch.tensor([[0.9, 0.1, 0.2], [0.8, 0.1, 0.5], [0.7, 0.0, 0.6]])
+    result = r_precision(similarity, [0, 2, 1])
+    assert result.ranks == (1, 2, 3)
+    assert result.top1 == pytest.approx(1 / 3)
+    assert result.mean_rank == pytest.approx(2.0)
+    assert result.num_candidates == 3
+
+
+def test_r_precision_ties_count_against_the_image():
+    result = r_precision(torch.ones(2, 4), [0, 3])
+    assert result.ranks == (4, 4)
+    assert result.top1 == 0.0
+
+
+def test_r_precision_rejects_bad_targets():
+    with pytest.raises(ValueError, match="target"):
+        r_precision(torch.zeros(2, 3), [0, 3])
+    with pytest.raises(ValueError, match="one target per image"):
+        r_precision(torch.zeros(2, 3), [0])
+
+
+def test_clip_score_equals_100_cosine_of_own_embeddings(trained_clip, tiny_dataset_dir):
+    model, processor = trained_clip
+    images, captions = _load_imagefolder(tiny_dataset_dir)
+    image_emb, text_emb = clip_embeddings(images, captions, model, processor)
+    expected = float((100 * (image_emb * text_emb).sum(-1)).mean())
+    assert expected > 1  # above torchmetrics' clamp at 0, so the comparison means something
+    assert clip_score(images, captions, model, processor) == pytest.approx(expected, abs=1e-3)
+
+
+def test_matching_pairs_score_higher_than_shuffled(trained_clip, tiny_dataset_dir):
+    model, processor = trained_clip
+    images, captions = _load_imagefolder(tiny_dataset_dir)
+    shuffled = captions[1:] + captions[:1]  # neighbours differ in colour and shape
+    matching = clip_score(images, captions, model, processor)
+    assert matching > clip_score(images, shuffled, model, processor) + 10
+
+
+def test_r_precision_of_dataset_images_with_their_captions(trained_clip, tiny_dataset_dir):
+    model, processor = trained_clip
+    images, captions = _load_imagefolder(tiny_dataset_dir)
+    result = clip_r_precision(images, captions, captions, model, processor)
+    assert result.num_candidates == 6  # six distinct captions among twelve images
+    # Measured: top-1 0.75, mean rank 1.25 of 6 (chance: top-1 0.17, mean rank 3.5).
+    print(result)
+    assert result.top1 >= 0.6 and result.mean_rank <= 1.5
+
+
+def test_float_images_score_like_uint8(trained_clip, tiny_dataset_dir):
+    model, processor = trained_clip
+    images, captions = _load_imagefolder(tiny_dataset_dir)
+    as_float = clip_score(images.float() / 255, captions, model, processor)
+    assert as_float == pytest.approx(clip_score(images, captions, model, processor), abs=1e-4)
+
+
+def test_long_prompts_are_truncated_with_a_notice(random_clip, tiny_dataset_dir):
+    model, processor = random_clip
+    long_prompt = "a red circle " * 60  # 180 tokens
+    fitted, truncated = truncate_prompts([long_prompt, "a red circle"], processor.tokenizer, 77)
+    assert truncated == [0]
+    assert len(processor.tokenizer(fitted[0])["input_ids"]) <= 77
+    assert fitted[1] == "a red circle"
+    images, _ = _load_imagefolder(tiny_dataset_dir)
+    with pytest.warns(UserWarning, match="truncated"):
+        clip_score(images[:1], [long_prompt], model, processor)
+
+
+def test_clip_score_needs_one_prompt_per_image(random_clip, tiny_dataset_dir):
+    images, _ = _load_imagefolder(tiny_dataset_dir)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        clip_score(images[:2], ["a red circle"], *random_clip)
+
+
+# ---------- prompts and inputs ----------
+
+
+def test_prompt_files_skip_blanks_and_comments(prompt_files):
+    sets = load_prompt_sets(prompt_files)
+    assert [s.name for s in sets] == ["base", "heldout"]
+    assert sets[1].prompts == ("a green square on a black background",)
+    assert candidate_prompts(sets, None) == [*PROMPTS, "a green square on a black background"]
+
+
+def test_missing_prompt_file_is_a_clear_error(tmp_path):
+    with pytest.raises(EvalInputError, match="Prompt file not found.*--prompts"):
+        read_prompt_file(tmp_path / "nope.txt")
+
+
+def test_empty_prompt_file_is_a_clear_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n# only a comment\n \n")
+    with pytest.raises(EvalInputError, match="empty"):
+        read_prompt_file(tmp_path / "empty.txt")
+
+
+def test_unknown_clip_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EvalInputError, match="Cannot load CLIP model 'no-such-org/no-such-clip'.*--clip_model"):
+        load_clip("no-such-org/no-such-clip")
+
+
+def test_mismatched_adapter_is_found_before_generation(tiny_pipeline_dir, mismatched_adapter_dir, tiny_adapter_dir):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    components = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    assert adapter_mismatches(adapter_state_dict(str(tiny_adapter_dir)), components) == []
+    problems = adapter_mismatches(adapter_state_dict(str(mismatched_adapter_dir)), components)
+    assert problems and all("attn2" in p and "input size 8, base layer has 16" in p for p in problems)
+
+
+def test_mismatched_adapter_error_names_base_and_adapter(
+    tiny_pipeline_dir, mismatched_adapter_dir, random_clip_dir, prompt_files, tmp_path, monkeypatch
+):
+    import eval.run
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generation must not start with a mismatched adapter")
+
+    monkeypatch.setattr(eval.run, "generate", no_generation)
+    options = EvalOptions(
+        base=str(tiny_pipeline_dir),
+        lora=str(mismatched_adapter_dir),
+        clip_model=str(random_clip_dir),
+        prompts=[str(p) for p in prompt_files],
+        output_dir=str(tmp_path / "out"),
+    )
+    with pytest.raises(EvalInputError, match="does not fit base model") as caught:
+        evaluate(options)
+    assert str(mismatched_adapter_dir) in str(caught.value) and str(tiny_pipeline_dir) in str(caught.value)
+
+
+def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
+    assert main(["--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "Prompt file not found" in capsys.readouterr().err
+
+
+def test_defaults_point_at_the_embedded_world(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no output/ here
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    options = options_from_args(["--prompts", str(tmp_path / "p.txt")])
+    assert options.base == str(EMBEDDED_PIPELINE)
+    assert options.clip_model == str(EMBEDDED_CLIP)
+    assert options.generation == GenerationSettings(seeds=(0,), num_inference_steps=25, guidance_scale=7.5)
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert options_from_args(["--prompts", str(tmp_path / "p.txt")]).lora == str(tmp_path / "output")
+
+
+# ---------- generation and the whole run ----------
+
+
+def test_same_seeds_give_same_images_and_scores(tiny_pipeline_dir, random_clip):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    settings = GenerationSettings(seeds=(0, 1), num_inference_steps=2, batch_size=3)
+    first = generate(pipe, PROMPTS, settings)
+    second = generate(pipe, PROMPTS, settings)
+    assert first.images.shape == (4, 3, 32, 32) and first.images.dtype == torch.uint8
+    assert torch.equal(first.images, second.images)
+    assert first.prompts == (PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1])
+    assert not torch.equal(first.images[0], first.images[1])  # different seeds, different images
+    # Batching does not change an image: seed 1 of prompt 2 alone equals its place in the batch.
+    alone = generate(pipe, PROMPTS[1:], GenerationSettings(seeds=(1,), num_inference_steps=2, batch_size=1))
+    assert torch.equal(alone.images[0], first.images[3])
+    assert clip_score(first.images, list(first.prompts), *random_clip) == clip_score(
+        second.images, list(second.prompts), *random_clip
+    )
+
+
+def test_adapter_loads_into_the_same_pipeline_and_changes_images(tiny_pipeline_dir, tiny_adapter_dir):
+    from eval.models import attach_adapter
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    unet = pipe.unet
+    settings = GenerationSettings(seeds=(0,), num_inference_steps=2)
+    base = generate(pipe, PROMPTS, settings)
+    attach_adapter(pipe, str(tiny_adapter_dir), str(tiny_pipeline_dir))
+    assert pipe.unet is unet and any("lora_A" in name for name, _ in unet.named_parameters())
+    assert not torch.equal(base.images, generate(pipe, PROMPTS, settings).images)
+
+
+def test_evaluate_writes_report_and_updates_card(
+    tiny_pipeline_dir, tiny_adapter_dir, random_clip_dir, prompt_files, tmp_path
+):
+    card_dir = tmp_path / "card"
+    card_dir.mkdir()
+    (card_dir / "README.md").write_text(
+        "---\nlicense: apache-2.0\ntags:\n- lora\n---\n# My adapter\n\nHand-written.\n"
+    )
+    options = EvalOptions(
+        base=str(tiny_pipeline_dir),
+        lora=str(tiny_adapter_dir),
+        clip_model=str(random_clip_dir),
+        prompts=[str(p) for p in prompt_files],
+        output_dir=str(tmp_path / "out"),
+        generation=GenerationSettings(seeds=(0, 1), num_inference_steps=2),
+        update_card=str(card_dir),
+    )
+    results = evaluate(options)
+    out = tmp_path / "out"
+    assert json.loads((out / "eval_results.json").read_text()) == json.loads(json.dumps(results))
+    assert "| base | 2 | 4 |" in (out / "eval_results.md").read_text()
+    grid = Image.open(out / "comparison_grid.png")
+    assert grid.height > 3 * 128 and grid.width > 2 * 128  # three prompt rows, two columns
+
+    assert [row["num_images"] for row in results["prompt_sets"]] == [4, 2]
+    assert results["num_candidates"] == 3
+    params = results["parameters"]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    assert params["unet"] == sum(p.numel() for p in pipe.unet.parameters())
+    assert params["lora"] > 0 and params["lora_share_of_unet"] == params["lora"] / params["unet"]
+    assert params["adapter_file_bytes"] == (tiny_adapter_dir / "pytorch_lora_weights.safetensors").stat().st_size
+    assert results["timing"]["base_seconds_per_image"] > 0 and results["timing"]["adapter_seconds_per_image"] > 0
+    base_row = results["prompt_sets"][0]
+
+    card = ModelCard.load(card_dir / "README.md")
+    assert card.data.license == "apache-2.0" and "Hand-written." in card.text
+    values = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert values[("base", "clip_score")] == pytest.approx(base_row["adapter"]["clip_score"], abs=1e-4)
+    assert values[("heldout", "clip_r_precision")] == pytest.approx(
+        results["prompt_sets"][1]["adapter"]["r_precision_top1"], abs=1e-4
+    )
+    assert card.data.to_dict()["model-index"][0]["results"]
+
+    # Running again replaces the section and the metrics rather than appending copies.
+    from eval.card import update_card
+
+    update_card(card_dir, results)
+    again = ModelCard.load(card_dir / "README.md")
+    assert again.text.count("## Evaluation") == 1
+    assert len(again.data.eval_results) == len(card.data.eval_results)
