@@ -38,6 +38,11 @@ MIN_GUIDANCE, MAX_GUIDANCE, DEFAULT_GUIDANCE = 0.0, 20.0, 5.0
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 1.5
 QUEUE_MAX_SIZE = 32
 CONCURRENCY_LIMIT = 1
+# Small models draw 32-64 px images: show them large with crisp pixels rather than as a postage stamp.
+CSS = """
+#result img { image-rendering: pixelated; min-height: 256px; object-fit: contain; }
+#compare img { image-rendering: pixelated; }
+"""
 # Shown when neither the adapter's prompt file nor the embedded prompts exist (the shapes world's domain).
 FALLBACK_EXAMPLES = [
     "a red circle on a white background",
@@ -197,6 +202,17 @@ def get_pipeline() -> DiffusionPipeline:
     return _PIPELINE
 
 
+def display_name(reference: str) -> str:
+    """A Hub id as is; a local folder relative to the repository when inside it (shorter, and no home path)."""
+    path = Path(reference).expanduser().resolve()
+    if not path.exists():
+        return reference
+    try:
+        return str(path.relative_to(HERE.parent))
+    except ValueError:
+        return path.name
+
+
 def load_examples() -> list[str]:
     """Example prompts from the adapter's domain: the embedded prompt file if present, else a fixed list."""
     if EMBEDDED_PROMPTS.is_file():
@@ -237,11 +253,10 @@ def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: s
         gallery = [(images[0], "base model"), (images[1], f"adapter (scale {lora_scale:g})")] if compare else []
         return images[-1], gallery, seed, info
 
+    base_name, adapter_name = display_name(base or pipe.name_or_path), display_name(adapter or ADAPTER_NAME)
     with gr.Blocks(title="LoRA text-to-image") as demo:
         gr.Markdown(
-            "# LoRA text-to-image\n"
-            f"Base model: `{base or pipe.name_or_path}` · adapter: `{adapter or 'adapter'}` · "
-            "sampler: DPM-Solver++"
+            f"# LoRA text-to-image\nBase model: `{base_name}` · adapter: `{adapter_name}` · sampler: DPM-Solver++"
         )
         if device == "cpu":
             gr.Markdown("ℹ️ Running on **CPU**: generation is slow for full-size models; use few steps.")
@@ -250,7 +265,9 @@ def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: s
             run_button = gr.Button("Run", variant="primary", scale=1)
         result = gr.Image(label="Result", type="pil", format="png", height=320, elem_id="result")
         info = gr.Markdown("Seed used: —", label="Info", show_label=False)
-        gallery = gr.Gallery(label="Base vs adapter", columns=2, format="png", height=320, visible=False)
+        gallery = gr.Gallery(
+            label="Base vs adapter", columns=2, format="png", height=320, visible=False, elem_id="compare"
+        )
         compare = gr.Checkbox(label="Compare with base model (same seed, side by side)", value=False)
         with gr.Accordion("Advanced", open=False):
             negative_prompt = gr.Textbox(label="Negative prompt", placeholder="what the image should not show")
@@ -286,7 +303,7 @@ def main() -> None:
     _PIPELINE = load_pipeline(base, adapter)
     demo = build_demo(_PIPELINE, base=base, adapter=adapter)
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by gradio itself when these are None.
-    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), server_port=None)
+    demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), server_port=None, css=CSS)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,9 @@ def test_browser_types_prompt_clicks_and_sees_a_non_blank_image(server):
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
         finally:
             browser.close()
+
+
+def test_long_prompt_is_served_with_a_visible_truncation_notice(client):
+    image_path, _, _, info = predict(client, " ".join(["a red circle on a white background"] * 20), seed=2)
+    assert Path(image_path).is_file()
+    assert "ignored" in info and "tokens" in info
