@@ -68,13 +68,27 @@ class TrainState:
     nonfinite_streak: int = 0
 
 
+@dataclass
+class RunResult:
+    """What `train` hands back to callers (tests, bench): the folder and the trained modules."""
+
+    output_dir: Path
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    state: TrainState
+
+
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits (pre-emption, Ctrl-C)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        """Give the signals back to whoever handled them before (pytest, an embedding program)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -202,8 +216,8 @@ def run_validation(cfg, accelerator, models, unet, text_encoder, step: int, fina
     return entries
 
 
-def train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
-    """The whole run: data, models, LoRA, loop, outputs. Returns the output folder."""
+def train(cfg: TrainConfig, argv: list[str] | None = None) -> RunResult:
+    """The whole run: data, models, LoRA, loop, outputs."""
     started = time.time()
     preflight(cfg)
     rows, image_column, caption_column = prepare_dataset(cfg.data, cfg.training.seed)
@@ -211,6 +225,13 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.training.seed)
     stop = StopRequest()
+    try:
+        return _train_loop(cfg, argv, accelerator, stop, rows, image_column, caption_column, started)
+    finally:
+        stop.restore()
+
+
+def _train_loop(cfg, argv, accelerator, stop, rows, image_column, caption_column, started) -> RunResult:
     models = load_models(cfg.model, cfg.training.prediction_type)
     params = attach_lora(models, cfg.lora, weight_dtype_for(accelerator), accelerator.device)
     if cfg.training.gradient_checkpointing:
@@ -294,7 +315,8 @@ def train(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
             continue
         break
     progress.close()
-    return finish(cfg, accelerator, models, unet, text_encoder, state, rows, lora_parameters, started, argv)
+    out = finish(cfg, accelerator, models, unet, text_encoder, state, rows, lora_parameters, started, argv)
+    return RunResult(out, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), state)
 
 
 def stop_requested(accelerator: Accelerator, stop: StopRequest) -> bool:
