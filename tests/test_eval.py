@@ -368,3 +368,13 @@ def test_evaluate_writes_report_and_updates_card(
     again = ModelCard.load(card_dir / "README.md")
     assert again.text.count("## Evaluation") == 1
     assert len(again.data.eval_results) == len(card.data.eval_results)
+
+
+def test_cli_runs_end_to_end(tiny_pipeline_dir, tiny_adapter_dir, random_clip_dir, prompt_files, tmp_path, capsys):
+    out = tmp_path / "cli_out"
+    args = ["--base", str(tiny_pipeline_dir), "--lora", str(tiny_adapter_dir), "--clip_model", str(random_clip_dir)]
+    args += ["--prompts", *map(str, prompt_files), "--output_dir", str(out), "--steps", "2", "--seeds", "3", "4"]
+    assert main(args) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["settings"]["seeds"] == [3, 4] and results["settings"]["num_inference_steps"] == 2
+    assert "| whole pipeline |" in capsys.readouterr().out
