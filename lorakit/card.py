@@ -12,6 +12,7 @@ repository root, rendered with `ModelCard.from_template`. Nothing here talks to 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from lorakit.atomic import atomic_write_json, atomic_write_text
+from lorakit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorakit.hub import redact_secrets
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
@@ -79,12 +80,10 @@ def resolve_license(base_model: str, summary_license: str | None) -> tuple[str, 
 
 def human_size(num_bytes: int) -> str:
     """Bytes as a short human-readable string (binary units)."""
-    size = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
+    if num_bytes < 1024:
+        return f"{num_bytes} B"
+    exponent = min(3, (num_bytes.bit_length() - 1) // 10)
+    return f"{num_bytes / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB')[exponent]}"
 
 
 def _cell(value: Any) -> str:
@@ -169,8 +168,6 @@ def validate_eval_results(results: dict) -> dict:
 
 def _draw_loss_curve(history: list[dict], path: Path) -> None:
     # The trainer normally writes loss_curve.png; draw one when only the history survived (e.g. --push_only).
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,12 +182,12 @@ def _draw_loss_curve(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    from lorakit.atomic import atomic_write_bytes
-
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def render_model_card(output_dir: str | os.PathLike, eval_results: dict | None = None, repo_id: str | None = None):
+def render_model_card(
+    output_dir: str | os.PathLike, eval_results: dict | None = None, repo_id: str | None = None
+) -> ModelCard:
     """Build the `ModelCard` for a run folder without writing it."""
     output_dir = Path(output_dir)
     config, summary, history = _read_run(output_dir)

@@ -13,6 +13,7 @@ real `lora_alpha` from `training_config.yaml`, so that kohya loaders apply the t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -74,6 +75,26 @@ def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], lora_alpha: float) -
     return kohya_state
 
 
+def _warn_on_alpha_mismatch(source_metadata: dict[str, str], lora_alpha: float, ranks: list[int]) -> None:
+    # diffusers loads the diffusers-format file with the alpha in its metadata (or alpha = rank without it);
+    # if that differs from the trained lora_alpha, the two files would not produce the same images.
+    try:
+        adapter_meta = json.loads(source_metadata.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        adapter_meta = {}
+    recorded = {key: value for key, value in adapter_meta.items() if key.endswith(".lora_alpha")}
+    if not recorded and any(rank != lora_alpha for rank in ranks):
+        logger.warning(
+            "%s carries no lora_adapter_metadata, so diffusers loads it with alpha = rank; the kohya file uses the "
+            "trained lora_alpha %g. Save the adapter with unet_lora_adapter_metadata to make them agree.",
+            ADAPTER_FILE,
+            lora_alpha,
+        )
+    for key, value in recorded.items():
+        if float(value) != lora_alpha:
+            logger.warning("%s records %s=%s but training_config.yaml says %g", ADAPTER_FILE, key, value, lora_alpha)
+
+
 def export_kohya(output_dir: str | os.PathLike) -> Path:
     """Write `pytorch_lora_weights_kohya.safetensors` next to the diffusers-format adapter."""
     output_dir = Path(output_dir)
@@ -93,8 +114,7 @@ def export_kohya(output_dir: str | os.PathLike) -> Path:
         "ss_network_alpha": f"{lora_alpha:g}",
         "format": "pt",
     }
-    if "lora_adapter_metadata" in source_metadata:
-        metadata["lorakit_source"] = ADAPTER_FILE
+    _warn_on_alpha_mismatch(source_metadata, lora_alpha, ranks)
     kohya_path = output_dir / KOHYA_FILE
     contiguous = {key: value.contiguous() for key, value in kohya_state.items()}
     atomic_write_bytes(kohya_path, save(contiguous, metadata=metadata))

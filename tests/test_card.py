@@ -181,3 +181,10 @@ def test_write_model_card_is_atomic_and_idempotent(run_dir):
         p.name for p in run_dir.iterdir() if p.name.startswith(".README.md.") and p.name != ".README.md.abc123.tmp"
     ]
     assert leftovers == []
+
+
+def test_card_draws_missing_loss_curve_from_history(run_dir):
+    (run_dir / "loss_curve.png").unlink()
+    text = write_model_card(run_dir).read_text()
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![Training loss](loss_curve.png)" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 from fake_run import LORA_ALPHA, RANK, make_run_folder
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lorakit.kohya import ADAPTER_FILE, KOHYA_FILE, diffusers_to_kohya, export_kohya
 
@@ -104,3 +105,17 @@ def test_kohya_text_encoder_lora_uses_webui_clip_names_and_round_trips(tmp_path,
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
     pipe.load_lora_weights(run_dir, weight_name=KOHYA_FILE)
     assert any("lora" in name for name, _ in pipe.text_encoder.named_parameters())
+
+
+def test_kohya_warns_when_diffusers_file_lacks_alpha_metadata(run_dir, tmp_path, caplog):
+    # Without lora_adapter_metadata diffusers loads alpha = rank, so the two files would disagree: say so.
+    bare = tmp_path / "bare"
+    shutil.copytree(run_dir, bare)
+    save_file(load_file(bare / ADAPTER_FILE), bare / ADAPTER_FILE)
+    with caplog.at_level(logging.WARNING, logger="lorakit.kohya"):
+        export_kohya(bare)
+    assert "no lora_adapter_metadata" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorakit.kohya"):
+        export_kohya(run_dir)
+    assert caplog.text == ""
