@@ -1,4 +1,10 @@
-"""Write evaluation results into an adapter's model card: `model-index` metadata and a Markdown section."""
+"""Write evaluation results into an adapter's model card: `model-index` metadata and a Markdown table.
+
+A trainer run folder (training_config.yaml + train_summary.json) goes through
+`lorakit.card.update_card_with_eval`, which re-renders the card from the run with the results; any other
+folder (e.g. a downloaded adapter with a hand-written card) is updated in place: metadata replaced, one
+marked section swapped, the rest of the card kept.
+"""
 
 from __future__ import annotations
 
@@ -13,36 +19,48 @@ SECTION_START = "<!-- lorakit-eval:start -->"
 SECTION_END = "<!-- lorakit-eval:end -->"
 # Metrics this module owns in model-index; other entries (e.g. added by hand) are kept.
 OWN_METRICS = {"clip_score", "clip_r_precision"}
+RUN_FILES = ("training_config.yaml", "train_summary.json")
 
 
-def eval_results_for_card(results: dict) -> list[EvalResult]:
-    """One EvalResult per prompt set and metric, for the adapter (base figures stay in the table)."""
-    entries = []
+def card_metrics(results: dict) -> list[dict]:
+    """The adapter's metrics in lorakit.card's schema (base figures stay in the table)."""
+    metrics = []
     for row in results["prompt_sets"]:
         common = {
             "task_type": "text-to-image",
-            "task_name": "Text-to-Image",
             "dataset_type": "prompts",
             "dataset_name": f"{row['name']} prompts",
             "dataset_split": row["name"],
         }
-        entries.append(
-            EvalResult(
+        metrics.append(
+            {
                 **common,
-                metric_type="clip_score",
-                metric_name=f"CLIP score ({results['clip_model']})",
-                metric_value=round(row["adapter"]["clip_score"], 4),
-            )
+                "metric_type": "clip_score",
+                "metric_name": f"CLIP score ({Path(results['clip_model']).name})",
+                "value": round(row["adapter"]["clip_score"], 4),
+            }
         )
-        entries.append(
-            EvalResult(
+        metrics.append(
+            {
                 **common,
-                metric_type="clip_r_precision",
-                metric_name=f"CLIP R-precision@1 of {results['num_candidates']}",
-                metric_value=round(row["adapter"]["r_precision_top1"], 4),
-            )
+                "metric_type": "clip_r_precision",
+                "metric_name": f"CLIP R-precision@1 of {results['num_candidates']}",
+                "value": round(row["adapter"]["r_precision_top1"], 4),
+            }
         )
-    return entries
+    return metrics
+
+
+def _as_eval_result(metric: dict) -> EvalResult:
+    return EvalResult(
+        task_type=metric["task_type"],
+        dataset_type=metric["dataset_type"],
+        dataset_name=metric["dataset_name"],
+        dataset_split=metric.get("dataset_split"),
+        metric_type=metric["metric_type"],
+        metric_name=metric.get("metric_name"),
+        metric_value=metric["value"],
+    )
 
 
 def _replace_section(content: str, section: str) -> str:
@@ -55,19 +73,28 @@ def _replace_section(content: str, section: str) -> str:
     return f"{content.rstrip()}\n\n{block}\n"
 
 
-def update_card(card_dir: str | Path, results: dict) -> Path:
-    """Write results into card_dir/README.md (created minimal if missing); returns the card path."""
+def update_card_in_place(card_dir: str | Path, results: dict) -> Path:
+    """Write results into card_dir/README.md (created minimal if missing), keeping the rest of the card."""
     path = Path(card_dir) / "README.md"
     if path.is_file():
         card = ModelCard.load(path)
     else:
         Path(card_dir).mkdir(parents=True, exist_ok=True)
-        card = ModelCard.from_template(ModelCardData(library_name="diffusers", base_model=None))
+        card = ModelCard(f"---\n{ModelCardData(library_name='diffusers').to_yaml()}\n---\n# LoRA adapter\n")
     data = card.data
     kept = [r for r in (data.eval_results or []) if r.metric_type not in OWN_METRICS]
-    data.eval_results = kept + eval_results_for_card(results)
+    data.eval_results = kept + [_as_eval_result(m) for m in results.get("metrics") or card_metrics(results)]
     if not data.model_name:
-        data.model_name = Path(card_dir).resolve().name
-    card.content = f"---\n{data.to_yaml()}\n---\n{_replace_section(card.text, markdown_table(results))}"
-    atomic_write_text(path, card.content)
+        data.model_name = Path(card_dir).resolve().name  # model-index requires a name
+    text = f"---\n{data.to_yaml()}\n---\n{_replace_section(card.text, markdown_table(results))}"
+    atomic_write_text(path, text)
     return path
+
+
+def update_card(card_dir: str | Path, results: dict) -> Path:
+    """Put the results into card_dir's model card; the card helper re-renders trainer runs."""
+    if all((Path(card_dir) / name).is_file() for name in RUN_FILES):
+        from lorakit.card import update_card_with_eval
+
+        return update_card_with_eval(card_dir, results)
+    return update_card_in_place(card_dir, results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
         generation=generation,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         update_card=args.update_card,
+        command=shlex.join(["python", "-m", "eval", *(sys.argv[1:] if argv is None else argv)]),
     )
 
 

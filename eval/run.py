@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from eval.card import card_metrics
 from eval.generate import Generated, GenerationSettings, generate, native_resolution, warm_up
 from eval.models import adapter_state_dict, attach_adapter, check_adapter_fits, load_clip, load_pipeline
 from eval.prompts import PromptSet, candidate_prompts, load_prompt_sets
-from eval.report import comparison_grid, write_report
+from eval.report import comparison_grid, markdown_table, write_report
 from lorakit.lora import ADAPTER_WEIGHT_NAME
 from lorakit.metrics import clip_r_precision, clip_score
 from lorakit.params import pipeline_parameter_counts
@@ -30,6 +31,7 @@ class EvalOptions:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     device: str = "cpu"
     update_card: str | None = None
+    command: str | None = None
 
 
 def adapter_file_bytes(lora: str) -> int | None:
@@ -133,6 +135,10 @@ def evaluate(options: EvalOptions) -> dict:
             "adapter_seconds_per_image": adapted.seconds_per_image,
         },
     }
+    # lorakit.card's eval schema too, so this file can be handed to the card renderer as it is.
+    results["metrics"] = card_metrics(results)
+    results["table_markdown"] = markdown_table(results)
+    results["source"] = options.command or "python -m eval"
     write_report(results, comparison_grid(*_first_seed(base, adapted, len(settings.seeds))), options.output_dir)
     if options.update_card:
         from eval.card import update_card
