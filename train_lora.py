@@ -24,8 +24,11 @@ from tqdm.auto import tqdm
 
 from lorakit import checkpoint as ckpt
 from lorakit import outputs
+from lorakit.card import write_model_card
 from lorakit.config import ConfigError, TrainConfig, parse_args
 from lorakit.data import CaptionedImageDataset, DataError, check_resolution, collate_examples, prepare_dataset
+from lorakit.hub import PushError, push_adapter, push_checkpoint
+from lorakit.kohya import export_kohya
 from lorakit.params import count_parameters
 from lorakit.training import (
     attach_lora,
@@ -169,9 +172,15 @@ def save_training_state(cfg: TrainConfig, accelerator: Accelerator, state: Train
         "loss_history": state.loss_history,
         "fingerprint": fingerprint,
     }
-    return ckpt.save_checkpoint(
+    where = ckpt.save_checkpoint(
         accelerator, cfg.output.output_dir, state.global_step, payload, cfg.training.checkpoints_total_limit
     )
+    if cfg.output.hub_push_checkpoints and accelerator.is_main_process:
+        try:  # a failed checkpoint upload must not cost the run: warn and train on
+            push_checkpoint(where, cfg.output.hub_model_id or Path(cfg.output.output_dir).name, state.global_step)
+        except PushError as error:
+            logger.warning("Checkpoint %s was saved locally but not pushed: %s", where.name, error)
+    return where
 
 
 def check_finite(loss: float, state: TrainState, cfg: TrainConfig, mixed_precision: str) -> None:
@@ -366,9 +375,14 @@ def finish(cfg, accelerator, models, unet, text_encoder, state, rows, lora_param
             "instance_prompt": None,
             "license": outputs.base_license(cfg.model.pretrained_model_name_or_path),
         })
+        write_model_card(out)
+        if cfg.output.export_kohya:
+            export_kohya(out)
         outputs.clean_temporary_files(out)
-        accelerator.print(f"Saved {adapter} ({adapter.stat().st_size:,} bytes).")
+        accelerator.print(f"Saved {adapter} ({adapter.stat().st_size:,} bytes) and its model card in {out}.")
     accelerator.end_training()
+    if cfg.output.push_to_hub and accelerator.is_main_process:
+        accelerator.print(f"Pushed to {push_adapter(out, cfg.output.hub_model_id, cfg.output.hub_private)}")
     return out
 
 
@@ -377,13 +391,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     try:
         cfg = parse_args(argv)
-        train(cfg, argv)
+        if cfg.output.push_only:
+            print(f"Pushed to {push_adapter(cfg.output.output_dir, cfg.output.hub_model_id, cfg.output.hub_private)}")
+        else:
+            train(cfg, argv)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingDivergedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except PushError as error:  # the local output is complete; the message says how to retry the push
+        print(f"error: {error}", file=sys.stderr)
+        return 4
     return 0
 
 

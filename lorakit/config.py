@@ -109,6 +109,8 @@ class LoraArgs:
             raise ConfigError(f"--rank {self.rank} is invalid: the LoRA rank must be at least 1 (typical: 4-64).")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ConfigError(f"--lora_alpha {self.lora_alpha} is invalid: use a positive number (or leave it out).")
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.rank)  # resolved here so the saved config states the scale used
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora_dropout {self.lora_dropout} is invalid: use a value in [0, 1).")
         if not self.target_modules:
