@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -137,8 +138,11 @@ def make_run_folder(
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     # What must never be pushed: checkpoints (with optimizer state), TensorBoard logs, temp files.
     (out / "checkpoint-5").mkdir()
-    (out / "checkpoint-5" / "optimizer.bin").write_bytes(b"\0" * 16)
-    (out / "checkpoint-5" / "model.safetensors").write_bytes(b"\0" * 16)
+    # Mirrors lorakit.checkpoint: accelerate state (pickles) plus the LoRA weights and a train_state.json.
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "scaler.pt"):
+        (out / "checkpoint-5" / name).write_bytes(b"\0" * 16)
+    shutil.copy(out / "pytorch_lora_weights.safetensors", out / "checkpoint-5" / "pytorch_lora_weights.safetensors")
+    (out / "checkpoint-5" / "train_state.json").write_text(json.dumps({"global_step": 5}))
     (out / "logs").mkdir()
     (out / "logs" / "events.out.tfevents.1.host").write_bytes(b"tb")
     (out / ".README.md.abc123.tmp").write_text("half-written")

@@ -189,7 +189,7 @@ def test_checkpoint_push_goes_to_branch_without_optimizer_state(run_dir, token_e
     assert branch["branch"] == "checkpoints" and branch["exist_ok"] is True
     (commit,) = api.commits
     assert commit["revision"] == "checkpoints"
-    assert commit["files"] == ["checkpoint-5/model.safetensors"]
+    assert commit["files"] == ["checkpoint-5/pytorch_lora_weights.safetensors", "checkpoint-5/train_state.json"]
 
 
 def test_checkpoint_push_failure_names_branch_retry(run_dir, token_env):
