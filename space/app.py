@@ -85,10 +85,22 @@ def pick_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
+def check_reference(reference: str, setting: str) -> str:
+    """Fail early on a local path that does not exist (else diffusers would try it as a Hub id)."""
+    looks_local = reference.startswith(("/", ".", "~")) or reference.count("/") > 1 or "\\" in reference
+    if looks_local and not Path(reference).expanduser().exists():
+        raise FileNotFoundError(
+            f"{setting} {reference!r} does not exist: give a Hub id (user/name) or an existing local folder."
+        )
+    return reference
+
+
 def load_pipeline(
     base: str, adapter: str, device: str | None = None, weight_name: str | None = None
 ) -> DiffusionPipeline:
     """Load the base pipeline (safetensors only), attach the LoRA adapter and switch to DPM-Solver++."""
+    check_reference(base, "BASE_MODEL")
+    check_reference(adapter, "LORA_ADAPTER")
     device, dtype = pick_device() if device is None else (device, torch.float32 if device == "cpu" else torch.float16)
     pipe = DiffusionPipeline.from_pretrained(base, use_safetensors=True, **{_DTYPE_KWARG: dtype})
     if not hasattr(pipe, "load_lora_weights"):

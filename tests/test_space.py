@@ -86,6 +86,34 @@ def test_load_pipeline_uses_dpm_solver_fp32_and_adapter(app, pipe):
     assert app.ADAPTER_NAME in pipe.get_list_adapters()["unet"]
 
 
+def test_lora_weight_name_from_env_and_safetensors_only(app, models, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    weights = next(Path(models[1]).glob("*.safetensors"))
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    shutil.copy(weights, renamed / "my_style.safetensors")
+    monkeypatch.setenv("LORA_WEIGHT_NAME", "my_style.safetensors")
+    pipe = app.load_pipeline(models[0], str(renamed), device="cpu")
+    assert app.ADAPTER_NAME in pipe.get_list_adapters()["unet"]
+    # A pickled adapter is refused even when it is the only file present.
+    monkeypatch.delenv("LORA_WEIGHT_NAME")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(load_file(weights), pickled / "pytorch_lora_weights.bin")
+    with pytest.raises(OSError, match="pytorch_lora_weights.safetensors"):
+        app.load_pipeline(models[0], str(pickled), device="cpu")
+
+
+def test_missing_local_folders_fail_early_with_the_setting_named(app, models, tmp_path):
+    with pytest.raises(FileNotFoundError, match="LORA_ADAPTER .* does not exist"):
+        app.load_pipeline(models[0], str(tmp_path / "no_adapter"), device="cpu")
+    with pytest.raises(FileNotFoundError, match="BASE_MODEL .* does not exist"):
+        app.load_pipeline("./no/such/base", models[1], device="cpu")
+
+
 def test_generate_returns_image_of_pipeline_size(app, pipe):
     images = app.generate("a red circle on a white background", "", 1, FAST_STEPS, 5.0, 1.0, pipe=pipe)
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
