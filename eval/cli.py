@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from eval.generate import GenerationSettings
-from eval.prompts import EvalInputError, default_candidates_file, default_prompt_files
+from eval.prompts import EvalInputError, default_candidates_file, default_prompt_files, embedded_world_captions
 from eval.run import EvalOptions, evaluate
 from lorakit.lora import ADAPTER_WEIGHT_NAME
 from lorakit.paths import EMBEDDED_CLIP, EMBEDDED_DEMO_ADAPTER, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS, REPO_ROOT
@@ -54,8 +54,13 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
         raise EvalInputError(f"--resolution must be a multiple of 8, got {args.resolution}.")
     prompts = args.prompts or [str(p) for p in default_prompt_files()]
     if not prompts:
-        raise EvalInputError(f"No prompt files in {EMBEDDED_PROMPTS}: pass --prompts FILE [FILE ...].")
+        raise EvalInputError(
+            f"No prompt files in {EMBEDDED_PROMPTS}: build the embedded world (python -m embedded.build) "
+            "or pass --prompts FILE [FILE ...]."
+        )
     candidates = args.candidates or (None if args.prompts else default_candidates_file())
+    # With the embedded prompts, rank against every world caption as the embedded build's figures do.
+    world_captions = embedded_world_captions() if not args.prompts and not candidates else []
     generation = GenerationSettings(
         seeds=tuple(dict.fromkeys(args.seeds)),
         num_inference_steps=args.steps,
@@ -70,6 +75,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
         clip_model=str(args.clip_model or EMBEDDED_CLIP),
         prompts=prompts,
         candidates=str(candidates) if candidates else None,
+        candidate_texts=world_captions,
         output_dir=args.output_dir,
         generation=generation,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),

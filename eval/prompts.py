@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,8 +61,19 @@ def default_candidates_file(folder: Path = EMBEDDED_PROMPTS) -> Path | None:
     return None
 
 
-def candidate_prompts(prompt_sets: list[PromptSet], candidates_file: str | Path | None) -> list[str]:
-    """R-precision candidates: the candidates file if given, plus every evaluated prompt; duplicates removed."""
-    extra = read_prompt_file(candidates_file) if candidates_file is not None else []
+def candidate_prompts(
+    prompt_sets: list[PromptSet], candidates_file: str | Path | None, extra_texts: Sequence[str] = ()
+) -> list[str]:
+    """R-precision candidates: given texts and file, plus every evaluated prompt; duplicates removed."""
+    extra = list(extra_texts) + (read_prompt_file(candidates_file) if candidates_file is not None else [])
     evaluated = [prompt for prompt_set in prompt_sets for prompt in prompt_set.prompts]
     return list(dict.fromkeys([*extra, *evaluated]))
+
+
+def embedded_world_captions() -> list[str]:
+    """Every caption the embedded world knows (hard-negative blobs included), if its code is importable."""
+    try:
+        from embedded.measure import candidate_captions
+    except ImportError:
+        return []
+    return list(candidate_captions())

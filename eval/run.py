@@ -27,6 +27,7 @@ class EvalOptions:
     clip_model: str
     prompts: list[str]
     candidates: str | None = None
+    candidate_texts: list[str] = field(default_factory=list)
     output_dir: str = "eval_output"
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     device: str = "cpu"
@@ -77,7 +78,7 @@ def evaluate(options: EvalOptions) -> dict:
     """Run the whole evaluation and write the report; returns the results dict (as in eval_results.json)."""
     # Cheap checks first: prompt files, CLIP, base, adapter shapes; only then generation.
     prompt_sets = load_prompt_sets(options.prompts)
-    candidates = candidate_prompts(prompt_sets, options.candidates)
+    candidates = candidate_prompts(prompt_sets, options.candidates, options.candidate_texts)
     clip = load_clip(options.clip_model, options.device)
     dtype = torch.float16 if options.device.startswith("cuda") else torch.float32
     pipe = load_pipeline(options.base, options.device, dtype)
@@ -114,6 +115,7 @@ def evaluate(options: EvalOptions) -> dict:
         "clip_model": options.clip_model,
         "num_candidates": len(candidates),
         "candidates_file": options.candidates,
+        "candidates": candidates,
         "settings": {
             **asdict(settings),
             "seeds": list(settings.seeds),

@@ -404,3 +404,17 @@ def test_update_card_of_a_trainer_run_goes_through_the_card_renderer(
     # The run keeps the results in the card helper's schema, so a later re-render keeps them.
     stored = json.loads((run / "eval_results.json").read_text())
     assert stored["metrics"] == results["metrics"]
+
+
+def test_no_arguments_use_embedded_prompts_and_world_captions(monkeypatch, prompt_files):
+    import eval.cli
+    from embedded.measure import candidate_captions
+
+    monkeypatch.setattr(eval.cli, "default_prompt_files", lambda: [])
+    with pytest.raises(EvalInputError, match="embedded.build"):
+        options_from_args([])
+    monkeypatch.setattr(eval.cli, "default_prompt_files", lambda: prompt_files)
+    monkeypatch.setattr(eval.cli, "default_candidates_file", lambda: None)
+    options = options_from_args([])
+    assert options.prompts == [str(p) for p in prompt_files]
+    assert options.candidate_texts == candidate_captions() and len(options.candidate_texts) > 50
