@@ -44,10 +44,12 @@ def markdown_table(results: dict) -> str:
                 ("vae_decoder", "VAE decoder"),
                 ("vae", "VAE total"),
                 ("pipeline", "whole pipeline"),
-                ("lora", "LoRA adapter"),
+                ("lora", "LoRA adapter (all)"),
+                ("lora_unet", "LoRA on the UNet"),
+                ("lora_text_encoder", "LoRA on the text encoder"),
             )
         ),
-        f"| LoRA share of UNet | {100 * params['lora_share_of_unet']:.3f} % |",
+        f"| UNet LoRA as a share of the UNet | {100 * params['lora_share_of_unet']:.3f} % |",
         f"| adapter file size | {params['adapter_file_bytes']:,} bytes |",
         "",
         f"Seconds per image ({results['settings']['device']}, {results['settings']['num_inference_steps']} steps, "

@@ -48,9 +48,13 @@ def adapter_file_bytes(lora: str) -> int | None:
     return Path(cached).stat().st_size if isinstance(cached, str) else None
 
 
-def lora_values(state_dict: dict[str, torch.Tensor]) -> int:
+def lora_values(state_dict: dict[str, torch.Tensor], prefix: str = "") -> int:
     """Trainable LoRA parameters stored in an adapter (down/up matrices; alpha scalars excluded)."""
-    return sum(t.numel() for key, t in state_dict.items() if "lora" in key and not key.endswith(".alpha"))
+    return sum(
+        t.numel()
+        for key, t in state_dict.items()
+        if key.startswith(prefix) and "lora" in key and not key.endswith(".alpha")
+    )
 
 
 def score_set(images: torch.Tensor, prompts: tuple[str, ...], candidates: list[str], clip: tuple) -> dict[str, float]:
@@ -129,7 +133,9 @@ def evaluate(options: EvalOptions) -> dict:
         "parameters": {
             **counts,
             "lora": lora_count,
-            "lora_share_of_unet": lora_count / counts["unet"],
+            "lora_unet": lora_values(state_dict, "unet."),
+            "lora_text_encoder": lora_values(state_dict, "text_encoder."),
+            "lora_share_of_unet": lora_values(state_dict, "unet.") / counts["unet"],
             "adapter_file_bytes": adapter_file_bytes(options.lora),
         },
         "timing": {

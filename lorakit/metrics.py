@@ -90,8 +90,10 @@ def clip_score(images: torch.Tensor, prompts: Sequence[str], model: torch.nn.Mod
         raise ValueError(f"clip_score needs one prompt per image; got {len(images)} images, {len(prompts)} prompts.")
     wrapped = model if isinstance(model, ClipFeatures) else ClipFeatures(model)
     fitted = fit_prompts_to_clip(prompts, wrapped.model, processor)
+    # torchmetrics moves the model to the images' device; send the images to the model instead.
+    device = next(wrapped.parameters()).device
     with torch.no_grad():
-        score = _torchmetrics_clip_score(to_uint8_images(images), fitted, lambda: (wrapped, processor))
+        score = _torchmetrics_clip_score(to_uint8_images(images).to(device), fitted, lambda: (wrapped, processor))
     return float(score)
 
 

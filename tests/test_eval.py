@@ -23,6 +23,7 @@ from eval.models import adapter_mismatches, adapter_state_dict, load_clip
 from eval.prompts import EvalInputError, candidate_prompts, load_prompt_sets, read_prompt_file
 from eval.run import EvalOptions, evaluate
 from lorakit.metrics import clip_embeddings, clip_r_precision, clip_score, r_precision, truncate_prompts
+from lorakit.params import lora_parameter_count
 from lorakit.paths import EMBEDDED_CLIP, EMBEDDED_PIPELINE
 from lorakit.tokenizer import build_clip_tokenizer
 
@@ -247,6 +248,24 @@ def test_mismatched_adapter_is_found_before_generation(tiny_pipeline_dir, mismat
     assert problems and all("attn2" in p and "input size 8, base layer has 16" in p for p in problems)
 
 
+def test_text_encoder_adapter_fits_and_is_counted(tiny_pipeline_dir, tmp_path):
+    from fake_run import make_run_folder
+
+    from eval.run import lora_values
+
+    run = make_run_folder(tmp_path / "run", tiny_pipeline_dir, train_text_encoder=True)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    state_dict = adapter_state_dict(str(run))
+    assert adapter_mismatches(state_dict, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}) == []
+    assert lora_values(state_dict, "text_encoder.") > 0 and lora_values(state_dict, "unet.") > 0
+    assert lora_values(state_dict) == lora_values(state_dict, "text_encoder.") + lora_values(state_dict, "unet.")
+    # A text-encoder layer that the base lacks is reported, not skipped.
+    bad = {"text_encoder.text_model.encoder.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 16)}
+    assert adapter_mismatches(bad, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}) == [
+        "text_encoder.text_model.encoder.layers.9.self_attn.q_proj does not exist in the base"
+    ]
+
+
 def test_mismatched_adapter_error_names_base_and_adapter(
     tiny_pipeline_dir, mismatched_adapter_dir, random_clip_dir, prompt_files, tmp_path, monkeypatch
 ):
@@ -347,7 +366,10 @@ def test_evaluate_writes_report_and_updates_card(
     params = results["parameters"]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     assert params["unet"] == sum(p.numel() for p in pipe.unet.parameters())
-    assert params["lora"] > 0 and params["lora_share_of_unet"] == params["lora"] / params["unet"]
+    # The adapter file holds exactly what a rank-4 LoRA on the default targets adds (counted independently).
+    assert params["lora"] == params["lora_unet"] == lora_parameter_count(pipe.unet, rank=4)
+    assert params["lora_text_encoder"] == 0
+    assert params["lora_share_of_unet"] == params["lora"] / params["unet"]
     assert params["adapter_file_bytes"] == (tiny_adapter_dir / "pytorch_lora_weights.safetensors").stat().st_size
     assert results["timing"]["base_seconds_per_image"] > 0 and results["timing"]["adapter_seconds_per_image"] > 0
     base_row = results["prompt_sets"][0]
