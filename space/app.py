@@ -310,9 +310,13 @@ def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: s
 
 def main() -> None:
     """Load the pipeline from the environment settings and serve the demo."""
-    base, adapter = default_base(), default_adapter()
     global _PIPELINE
-    _PIPELINE = load_pipeline(base, adapter)
+    try:
+        base, adapter = default_base(), default_adapter()
+        _PIPELINE = load_pipeline(base, adapter)
+    except (RuntimeError, FileNotFoundError) as error:
+        # A one-line reason in the Space logs instead of a traceback through gradio.
+        raise SystemExit(f"error: {error}") from None
     demo = build_demo(_PIPELINE, base=base, adapter=adapter)
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by gradio itself when these are None.
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME"), server_port=None, css=CSS)

@@ -232,6 +232,13 @@ def test_defaults_without_env_point_at_embedded_or_explain(app, monkeypatch):
     assert (app.default_base(), app.default_adapter()) == ("someone/base", "someone/adapter")
 
 
+def test_main_exits_with_one_line_reason_on_bad_settings(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("BASE_MODEL", str(tmp_path / "missing_base"))
+    monkeypatch.setenv("LORA_ADAPTER", "someone/adapter")
+    with pytest.raises(SystemExit, match="error: BASE_MODEL .*missing_base.* does not exist"):
+        app.main()
+
+
 def test_examples_come_from_the_adapter_domain(app):
     examples = app.load_examples()
     prompts_file = REPO_ROOT / "embedded" / "prompts" / "adapter.txt"
