@@ -211,6 +211,7 @@ def render_model_card(
     if not (output_dir / "loss_curve.png").is_file() and history:
         _draw_loss_curve(history, output_dir / "loss_curve.png")
 
+    evals = _eval_results(eval_results, model_name)
     card_data = ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,
         library_name="diffusers",
@@ -219,8 +220,8 @@ def render_model_card(
         datasets=[dataset] if is_hub_id(dataset) else None,
         tags=list(TAGS),
         pipeline_tag="text-to-image",
-        model_name=model_name,
-        eval_results=_eval_results(eval_results, model_name),
+        eval_results=evals,
+        model_name=model_name if evals else None,  # only model-index needs a name
         widget=[{"text": v["prompt"], "output": {"url": v["image"]}} for v in validation] or None,
         instance_prompt=summary.get("instance_prompt") or None,
     )

@@ -67,7 +67,7 @@ def test_card_metadata_has_run_values_and_round_trips(run_dir):
     assert [w["text"] for w in data.widget] == VALIDATION_PROMPTS
     for widget in data.widget:
         assert (run_dir / widget["output"]["url"]).is_file()
-    assert data.eval_results is None  # no eval yet, so no model-index
+    assert data.eval_results is None and "model_name" not in data.to_dict()  # no eval yet: no model-index
     # Offline stand-in for card.validate(): the metadata survives a ModelCardData round trip unchanged.
     assert ModelCardData(**data.to_dict()).to_dict() == data.to_dict()
     assert ModelCard(str(card)).data.to_dict() == data.to_dict()
