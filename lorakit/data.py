@@ -41,6 +41,8 @@ def load_raw_dataset(cfg: DataConfig) -> datasets.Dataset:
         try:
             return datasets.load_dataset(str(local), split="train", cache_dir=cfg.cache_dir)
         except (FileNotFoundError, ValueError) as error:
+            if "corresponds to no data" in str(error) or "Unable to find" in str(error):
+                raise DataError(f"The dataset folder {local} is empty: it has no images or rows to train on.") from error
             raise DataError(f"Could not read a dataset from {local}: {error}") from error
     return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split="train", cache_dir=cfg.cache_dir)
 
