@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=int, help="Image size in pixels (default: the base's native size).")
     parser.add_argument("--batch_size", type=int, default=8, help="Images per pipeline call.")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available).")
+    parser.add_argument(
+        "--count_only", action="store_true", help="Only count parameters of --base from its configs (no weights)."
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4], help="LoRA ranks to count with --count_only.")
     parser.add_argument("--update_card", metavar="DIR", help="Write results into DIR/README.md (model-index + table).")
     return parser
 
@@ -84,10 +88,27 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
     )
 
 
+def _count_only(args: argparse.Namespace) -> int:
+    """Print and save parameter counts of --base from configs alone."""
+    from eval.sizes import model_sizes, sizes_markdown, write_sizes
+
+    if not args.base:
+        raise EvalInputError("--count_only needs --base (a pipeline folder, flat reference configs, or a Hub id).")
+    if any(rank < 1 for rank in args.ranks):
+        raise EvalInputError("--ranks must be positive integers.")
+    sizes = model_sizes(args.base, tuple(args.ranks))
+    print(sizes_markdown(sizes))
+    print(f"Counts written to {write_sizes(sizes, args.output_dir).resolve()}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: exit code 0 on success, 2 on bad input (with the reason on stderr)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        args = build_parser().parse_args(argv)
+        if args.count_only:
+            return _count_only(args)
         options = options_from_args(argv)
         results = evaluate(options)
     except EvalInputError as error:

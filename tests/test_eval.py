@@ -440,3 +440,38 @@ def test_no_arguments_use_embedded_prompts_and_world_captions(monkeypatch, promp
     options = options_from_args([])
     assert options.prompts == [str(p) for p in prompt_files]
     assert options.candidate_texts == candidate_captions() and len(options.candidate_texts) > 50
+
+
+def test_count_only_gives_bk_sdm_tiny_sizes_without_weights(tmp_path, capsys):
+    from lorakit.paths import BK_SDM_TINY_REFERENCE
+
+    assert main(["--count_only", "--base", str(BK_SDM_TINY_REFERENCE), "--output_dir", str(tmp_path)]) == 0
+    sizes = json.loads((tmp_path / "param_counts.json").read_text())
+    assert sizes["parameters"]["unet"] == 323_384_964 and sizes["lora_by_rank"] == {"4": 431_616}
+    assert "| LoRA rank 4 on to_q, to_k, to_v, to_out.0 | 431,616 |" in capsys.readouterr().out
+
+
+def test_count_only_fetches_configs_only_from_the_hub(monkeypatch, tiny_pipeline_dir):
+    import huggingface_hub
+
+    from eval.sizes import model_sizes
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, local_files_only):
+        calls.append((repo_id, allow_patterns))
+        return str(tiny_pipeline_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    sizes = model_sizes("alice/tiny-sd", ranks=(2,))
+    assert calls and calls[0][0] == "alice/tiny-sd"
+    assert all(pattern.endswith(".json") for pattern in calls[0][1])  # no weight file is ever requested
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    assert sizes["parameters"]["unet"] == sum(p.numel() for p in pipe.unet.parameters())
+    assert sizes["lora_by_rank"]["2"] == lora_parameter_count(pipe.unet, rank=2)
+
+
+def test_count_only_unknown_hub_id_offline_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["--count_only", "--base", "no-such-org/no-such-model"]) == 2
+    assert "Cannot read the configs of 'no-such-org/no-such-model'" in capsys.readouterr().err
