@@ -105,7 +105,7 @@ def hyperparameter_rows(config: dict) -> list[tuple[str, Any]]:
     rows = []
     for section in ("model", "data", "lora", "training", "validation"):
         for key, value in (config.get(section) or {}).items():
-            if section == "validation" and key == "validation_prompts":
+            if section == "validation" and key in ("validation_prompt", "validation_prompts"):
                 value = len(value or [])
                 key = "num_validation_prompts"
             rows.append((f"`{section}.{key}`", value))

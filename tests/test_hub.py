@@ -224,3 +224,31 @@ def test_real_hfapi_path_reports_offline_mode_with_retry(run_dir, token_env, mon
     assert snapshot(run_dir) == before
     captured = capsys.readouterr()
     assert SECRET not in str(excinfo.value) + captured.out + captured.err + caplog.text
+
+
+def test_trainer_output_renders_exports_and_pushes(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, token_env):
+    # Contract check against the real trainer (2 steps): what it writes is enough for card, kohya and push.
+    from accelerate.state import AcceleratorState
+
+    import train_lora
+    from lorakit.config import parse_args
+
+    out = tmp_path / "trained"
+    argv = ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(tiny_dataset_dir)]
+    argv += ["--resolution", "32", "--output_dir", str(out), "--train_batch_size", "2", "--report_to", "none"]
+    argv += ["--max_train_steps", "2", "--validation_prompt", "a red circle", "--validation_inference_steps", "1"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        train_lora.train(parse_args(argv))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    card = ModelCard.load(write_model_card(out))
+    assert [w["text"] for w in card.data.widget] == ["a red circle"]
+    assert "| `training.max_train_steps` | 2 |" in card.content
+    export_kohya(out)
+    api = FakeHfApi()
+    push_adapter(out, api=api)
+    files = api.commits[0]["files"]
+    assert {"README.md", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"} <= set(files)
+    assert {"training_config.yaml", "train_summary.json", "loss_history.json", "validation/final/00.png"} <= set(files)
+    assert not any(f.startswith(("checkpoint-", "logs/")) for f in files)
