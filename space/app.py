@@ -34,7 +34,7 @@ ADAPTER_NAME = "adapter"
 
 MAX_SEED = int(np.iinfo(np.int32).max)
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 1, 100, 20
-MIN_GUIDANCE, MAX_GUIDANCE, DEFAULT_GUIDANCE = 0.0, 20.0, 5.0
+MIN_GUIDANCE, MAX_GUIDANCE, DEFAULT_GUIDANCE = 0.0, 20.0, 7.5
 MIN_LORA_SCALE, MAX_LORA_SCALE = 0.0, 1.5
 QUEUE_MAX_SIZE = 32
 CONCURRENCY_LIMIT = 1
@@ -43,12 +43,12 @@ CSS = """
 #result img { image-rendering: pixelated; min-height: 256px; object-fit: contain; }
 #compare img { image-rendering: pixelated; }
 """
-# Shown when neither the adapter's prompt file nor the embedded prompts exist (the shapes world's domain).
+# Used when the embedded prompts are absent: the demo adapter's concept (a new colour, purple, in the shapes world).
 FALLBACK_EXAMPLES = [
-    "a red circle on a white background",
-    "a blue square on a black background",
-    "a green triangle on a white background",
-    "a small yellow star on a blue background",
+    "a purple circle on a white background",
+    "a purple star on a black background",
+    "a purple triangle on a white background",
+    "a purple square on a black background",
 ]
 
 # One pipeline is shared by all requests; its scheduler and adapter weights are mutable state.
