@@ -96,6 +96,11 @@ def default_repo_id(output_dir: str | os.PathLike, api: Any) -> str:
     return f"{api.whoami()['name']}/{name}"
 
 
+def _full_repo_id(repo_id: str, api: Any) -> str:
+    # A bare name means "under my namespace"; branch and upload endpoints need the full `user/name`.
+    return repo_id if "/" in repo_id else f"{api.whoami()['name']}/{repo_id}"
+
+
 def _explain(exc: BaseException, repo_id: str | None) -> str:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
 
@@ -164,7 +169,7 @@ def push_adapter(
         )
     try:
         api = _get_api(api)
-        repo_id = repo_id or default_repo_id(output_dir, api)
+        repo_id = _full_repo_id(repo_id, api) if repo_id else default_repo_id(output_dir, api)
     except Exception as exc:  # any failure here is reported with the retry command, token scrubbed
         raise _failure(exc, repo_id, "the adapter", retry_commands(output_dir, repo_id, private), output_dir) from None
 
@@ -206,6 +211,7 @@ def push_checkpoint(
     ]
     try:
         api = _get_api(api)
+        repo_id = _full_repo_id(repo_id, api)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.create_branch(repo_id, branch=CHECKPOINT_BRANCH, exist_ok=True, repo_type="model")
         logger.info("Uploading checkpoint step %d to %s@%s", step, repo_id, CHECKPOINT_BRANCH)

@@ -252,3 +252,13 @@ def test_trainer_output_renders_exports_and_pushes(tiny_pipeline_dir, tiny_datas
     assert {"README.md", "pytorch_lora_weights.safetensors", "pytorch_lora_weights_kohya.safetensors"} <= set(files)
     assert {"training_config.yaml", "train_summary.json", "loss_history.json", "validation/final/00.png"} <= set(files)
     assert not any(f.startswith(("checkpoint-", "logs/")) for f in files)
+
+
+def test_bare_repo_names_go_under_the_users_namespace(run_dir, token_env):
+    api = FakeHfApi(user="carol")
+    assert push_checkpoint(run_dir / "checkpoint-5", "shapes-lora", 5, api=api).endswith(
+        "/carol/shapes-lora/tree/checkpoints/checkpoint-5"
+    )
+    assert push_adapter(run_dir, repo_id="shapes-lora", api=api) == "https://huggingface.co/carol/shapes-lora"
+    assert {c["repo_id"] for c in api.commits} == {"carol/shapes-lora"}
+    assert {kwargs["repo_id"] for name, kwargs in api.calls if name == "create_branch"} == {"carol/shapes-lora"}
