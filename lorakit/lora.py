@@ -48,6 +48,11 @@ def lora_state_dicts(
     return to_diffusers(unet), text_state
 
 
+def adapter_metadata(module: torch.nn.Module, adapter_name: str = "default") -> dict:
+    """The peft LoraConfig of `module` as a plain dict (rank, alpha, targets), for the adapter file."""
+    return module.peft_config[adapter_name].to_dict()
+
+
 def save_adapter(
     save_directory: str | Path, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None
 ) -> Path:
@@ -57,6 +62,9 @@ def save_adapter(
         save_directory,
         unet_lora_layers=unet_layers,
         text_encoder_lora_layers=text_layers,
+        # The LoRA config travels in the file's metadata, so loaders use the trained alpha, not alpha = rank.
+        unet_lora_adapter_metadata=adapter_metadata(unet),
+        text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if text_encoder is not None else None,
         weight_name=ADAPTER_WEIGHT_NAME,
         safe_serialization=True,
     )
