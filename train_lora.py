@@ -23,14 +23,16 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from tqdm.auto import tqdm
 
 from lorakit import checkpoint as ckpt
-from lorakit import outputs
+from lorakit import latent_cache, outputs
 from lorakit.card import write_model_card
 from lorakit.config import ConfigError, TrainConfig, parse_args
 from lorakit.data import CaptionedImageDataset, DataError, check_resolution, collate_examples, prepare_dataset
 from lorakit.hub import PushError, push_adapter, push_checkpoint
 from lorakit.kohya import export_kohya
 from lorakit.params import count_parameters
+from lorakit.timing import NULL_TIMER, PhaseTimer
 from lorakit.training import (
+    Models,
     attach_lora,
     check_8bit_adam_available,
     load_models,
@@ -79,6 +81,7 @@ class RunResult:
     unet: torch.nn.Module
     text_encoder: torch.nn.Module
     state: TrainState
+    latent_cache: dict | None = None
 
 
 class StopRequest:
@@ -112,13 +115,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
         mixed_precision=cfg.training.mixed_precision,
         log_with=None if cfg.training.report_to == "none" else cfg.training.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.output.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / cfg.output.logging_dir)
+        ),
         # A seedable sampler makes the shuffled order a function of (seed, epoch): resume can skip batches exactly.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.training.seed),
     )
 
 
-def make_dataloader(cfg: TrainConfig, dataset: CaptionedImageDataset) -> torch.utils.data.DataLoader:
+def make_dataloader(cfg: TrainConfig, dataset: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
+    """Workers decode and resize off the main process; pinned memory speeds host-to-GPU copies."""
     workers = cfg.data.dataloader_num_workers
     return torch.utils.data.DataLoader(
         dataset,
@@ -127,7 +133,8 @@ def make_dataloader(cfg: TrainConfig, dataset: CaptionedImageDataset) -> torch.u
         collate_fn=collate_examples,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        persistent_workers=cfg.data.persistent_workers and workers > 0,
+        prefetch_factor=cfg.data.dataloader_prefetch_factor if workers > 0 else None,
     )
 
 
@@ -199,13 +206,16 @@ def check_finite(loss: float, state: TrainState, cfg: TrainConfig, mixed_precisi
     )
 
 
-def run_validation(cfg, accelerator, models, unet, text_encoder, step: int, final: bool) -> list[dict]:
+def run_validation(cfg, accelerator: Accelerator, run: Run, step: int, final: bool) -> list[dict]:
     """Render the validation prompts with fixed seeds, save a PNG grid, log it to the trackers."""
     if not cfg.validation.validation_prompt:
         return []
     pipe = make_validation_pipeline(
-        models, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
-        cfg.model.pretrained_model_name_or_path, cfg.model.revision,
+        run.models,
+        accelerator.unwrap_model(run.unet),
+        accelerator.unwrap_model(run.text_encoder),
+        cfg.model.pretrained_model_name_or_path,
+        cfg.model.revision,
     )
     rows = render_validation_images(pipe, cfg.validation, cfg.data.resolution, accelerator.device)
     grid = image_grid(rows, labels=cfg.validation.validation_prompt)
@@ -218,114 +228,213 @@ def run_validation(cfg, accelerator, models, unet, text_encoder, step: int, fina
         return []
     save_png(grid, out / outputs.VALIDATION_GRID_FILE)
     entries = []
-    for index, (prompt, row) in enumerate(zip(cfg.validation.validation_prompt, rows)):
+    for index, (prompt, row) in enumerate(zip(cfg.validation.validation_prompt, rows, strict=True)):
         relative = f"{outputs.VALIDATION_DIR}/final/{index:02d}.png"
         save_png(row[0], out / relative)
         entries.append({"prompt": prompt, "image": relative})
     return entries
 
 
-def train(cfg: TrainConfig, argv: list[str] | None = None) -> RunResult:
-    """The whole run: data, models, LoRA, loop, outputs."""
+def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | None = None) -> RunResult:
+    """The whole run: checks, data, models, LoRA, loop, outputs. `timer` (bench) splits each step's time."""
     started = time.time()
+    timer = timer or NULL_TIMER
     preflight(cfg)
     rows, image_column, caption_column = prepare_dataset(cfg.data, cfg.training.seed)
-
     accelerator = make_accelerator(cfg)
     set_seed(cfg.training.seed)
     stop = StopRequest()
     try:
-        return _train_loop(cfg, argv, accelerator, stop, rows, image_column, caption_column, started)
+        run = set_up(cfg, accelerator, rows, image_column, caption_column)
+        state = resume_if_asked(cfg, accelerator, run.fingerprint)
+        if accelerator.is_main_process:
+            accelerator.init_trackers("lora", config=flat_scalars(cfg))
+            outputs.write_training_config(cfg.output.output_dir, cfg)
+        accelerator.print(
+            f"{len(rows)} samples, {run.total_steps} steps, {run.lora_parameters:,} LoRA parameters, "
+            f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)."
+        )
+        train_loop(cfg, accelerator, run, state, stop, timer, argv)
+        out = finish(cfg, accelerator, run, state, len(rows), started, argv)
+        unwrap = accelerator.unwrap_model
+        return RunResult(out, unwrap(run.unet), unwrap(run.text_encoder), state, run.latent_cache)
     finally:
         stop.restore()
 
 
-def _train_loop(cfg, argv, accelerator, stop, rows, image_column, caption_column, started) -> RunResult:
+@dataclass
+class Run:
+    """Everything the loop needs, prepared by accelerate."""
+
+    models: Models
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    trained: list[torch.nn.Module]
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    dataloader: torch.utils.data.DataLoader
+    train_data: torch.utils.data.Dataset
+    num_batches: int
+    total_steps: int
+    fingerprint: dict
+    lora_parameters: int
+    latent_cache: dict | None = None
+
+
+def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, caption_column: str) -> Run:
+    """Load the base, attach LoRA, build data, optimizer and schedule, and hand them to accelerate."""
     models = load_models(cfg.model, cfg.training.prediction_type)
     params = attach_lora(models, cfg.lora, weight_dtype_for(accelerator), accelerator.device)
+    if cfg.lora.init_adapter:
+        text_encoder = models.text_encoder if cfg.lora.train_text_encoder else None
+        ckpt.load_lora_into(cfg.lora.init_adapter, models.unet, text_encoder)
+    apply_speed_options(cfg, models)
+    train_data = CaptionedImageDataset(
+        rows,
+        image_column,
+        caption_column,
+        models.tokenizer,
+        cfg.data.resolution,
+        cfg.data.center_crop,
+        cfg.data.random_flip,
+        cfg.training.seed,
+    )
+    latent_cache_info = None
+    if cfg.training.cache_latents:
+        with accelerator.main_process_first():
+            train_data, path, hit = latent_cache.cached_dataset(
+                models, train_data, cfg, rows._fingerprint, accelerator.is_main_process
+            )
+        latent_cache_info = {"path": str(path), "hit": hit}
+        accelerator.print(f"Latent cache {'reused' if hit else 'written'}: {path}")
+    dataloader = make_dataloader(cfg, train_data)
+    optimizer = make_optimizer(params, cfg.training, scaled_learning_rate(cfg, accelerator.num_processes))
+    num_batches = math.ceil(len(dataloader) / accelerator.num_processes)
+    _, total_steps = total_train_steps(num_batches, cfg.training)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.training, total_steps, accelerator.num_processes)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(models.unet, optimizer, dataloader, lr_scheduler)
+    text_encoder = accelerator.prepare(models.text_encoder) if cfg.lora.train_text_encoder else models.text_encoder
+    trained = [unet] + ([text_encoder] if cfg.lora.train_text_encoder else [])
+    ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None)
+    return Run(
+        models,
+        unet,
+        text_encoder,
+        trained,
+        params,
+        optimizer,
+        lr_scheduler,
+        dataloader,
+        train_data,
+        num_batches,
+        total_steps,
+        current_fingerprint(cfg, rows, caption_column, accelerator.num_processes),
+        count_parameters(accelerator.unwrap_model(unet), trainable_only=True),
+        latent_cache_info,
+    )
+
+
+def apply_speed_options(cfg: TrainConfig, models: Models) -> None:
+    """Memory/speed levers, each behind its flag (measured by `python -m bench train`)."""
     if cfg.training.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
     if cfg.training.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.training.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    if cfg.training.compile:
+        models.unet.compile()  # in place: parameter names and saved keys stay those of the plain module
 
-    train_data = CaptionedImageDataset(
-        rows, image_column, caption_column, models.tokenizer, cfg.data.resolution,
-        cfg.data.center_crop, cfg.data.random_flip, cfg.training.seed,
+
+def timed_batches(loader, timer: PhaseTimer):
+    """Yield batches, charging the time spent waiting for each to the data_wait phase."""
+    iterator = iter(loader)
+    while True:
+        waited = time.perf_counter()
+        batch = next(iterator, None)
+        timer.add("data_wait", time.perf_counter() - waited)
+        if batch is None:
+            return
+        yield batch
+
+
+def train_loop(cfg, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, timer, argv) -> None:
+    """Epochs of optimizer steps; resumes at the exact batch; checkpoints, validates, stops on request."""
+    progress = tqdm(
+        range(run.total_steps),
+        initial=state.global_step,
+        desc="train",
+        unit="step",
+        disable=not accelerator.is_local_main_process,
     )
-    dataloader = make_dataloader(cfg, train_data)
-    optimizer = make_optimizer(params, cfg.training, scaled_learning_rate(cfg, accelerator.num_processes))
-    trained = [models.unet] + ([models.text_encoder] if cfg.lora.train_text_encoder else [])
-    num_batches = math.ceil(len(dataloader) / accelerator.num_processes)
-    steps_per_epoch, total_steps = total_train_steps(num_batches, cfg.training)
-    lr_scheduler = make_lr_scheduler(optimizer, cfg.training, total_steps, accelerator.num_processes)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(models.unet, optimizer, dataloader, lr_scheduler)
-    text_encoder = accelerator.prepare(models.text_encoder) if cfg.lora.train_text_encoder else models.text_encoder
-    ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None)
-
-    fingerprint = current_fingerprint(cfg, rows, caption_column, accelerator.num_processes)
-    state = resume_if_asked(cfg, accelerator, fingerprint)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("lora", config=flat_scalars(cfg))
-        outputs.write_training_config(cfg.output.output_dir, cfg)
-    lora_parameters = count_parameters(accelerator.unwrap_model(unet), trainable_only=True)
-    accelerator.print(
-        f"{len(rows)} samples, {total_steps} steps ({steps_per_epoch}/epoch), {lora_parameters:,} LoRA parameters, "
-        f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)."
-    )
-
-    progress = tqdm(range(total_steps), initial=state.global_step, desc="train", unit="step",
-                    disable=not accelerator.is_local_main_process)
     accumulated, micro = 0.0, 0
-    while state.global_step < total_steps and state.epoch < cfg.training.num_train_epochs:
-        train_data.set_epoch(state.epoch)
-        dataloader.set_epoch(state.epoch)
-        loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) if state.batches_in_epoch else dataloader
-        for batch in loader:
-            position = state.epoch * num_batches + state.batches_in_epoch
+    while state.global_step < run.total_steps and state.epoch < cfg.training.num_train_epochs:
+        run.train_data.set_epoch(state.epoch)
+        run.dataloader.set_epoch(state.epoch)
+        loader = run.dataloader
+        if state.batches_in_epoch:
+            loader = accelerator.skip_first_batches(run.dataloader, state.batches_in_epoch)
+        for batch in timed_batches(loader, timer):
+            position = state.epoch * run.num_batches + state.batches_in_epoch
             generator = step_generator(cfg.training.seed, position, accelerator.process_index, accelerator.device)
-            with accelerator.accumulate(*trained):
-                loss = training_loss(models, unet, text_encoder, batch, cfg.training, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.training.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            with accelerator.accumulate(*run.trained):
+                loss = training_loss(run.models, run.unet, run.text_encoder, batch, cfg.training, generator, timer)
+                with timer.phase("unet_forward_backward"):
+                    accelerator.backward(loss)
+                with timer.phase("optimizer_step"):
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(run.params, cfg.training.max_grad_norm)
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                    run.optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
             accumulated += accelerator.gather(loss.detach().float().reshape(1)).mean().item()
             micro += 1
             if not accelerator.sync_gradients:
                 continue
-            state.global_step += 1
+            timer.steps += 1
             step_loss, accumulated, micro = accumulated / micro, 0.0, 0
-            learning_rate = lr_scheduler.get_last_lr()[0]
-            state.loss_history.append({"step": state.global_step, "loss": step_loss, "lr": learning_rate})
-            check_finite(step_loss, state, cfg, accelerator.mixed_precision)
-            accelerator.log({"train/loss": step_loss, "train/lr": learning_rate}, step=state.global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}")
-            if cfg.training.checkpointing_steps and state.global_step % cfg.training.checkpointing_steps == 0:
-                save_training_state(cfg, accelerator, state, fingerprint)
-            if cfg.validation.validation_steps and state.global_step % cfg.validation.validation_steps == 0:
-                if accelerator.is_main_process:
-                    run_validation(cfg, accelerator, models, unet, text_encoder, state.global_step, final=False)
+            after_optimizer_step(cfg, accelerator, run, state, step_loss, progress)
             if stop_requested(accelerator, stop):
-                where = save_training_state(cfg, accelerator, state, fingerprint)
-                accelerator.print(
-                    f"Stopped by {stop.signal_name} after step {state.global_step}; saved {where}. Resume with:\n  "
-                    f"{outputs.reproduce_command(argv)} --resume_from_checkpoint latest"
-                )
-                accelerator.end_training()
-                raise SystemExit(128 + signal.Signals[stop.signal_name or "SIGTERM"].value)
-            if state.global_step >= total_steps:
+                stop_and_exit(cfg, accelerator, run, state, stop, argv)
+            if state.global_step >= run.total_steps:
                 break
         else:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             continue
         break
     progress.close()
-    out = finish(cfg, accelerator, models, unet, text_encoder, state, rows, lora_parameters, started, argv)
-    return RunResult(out, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder), state)
+
+
+def after_optimizer_step(
+    cfg, accelerator: Accelerator, run: Run, state: TrainState, step_loss: float, progress
+) -> None:
+    """Record, log, check, checkpoint and validate after each optimizer step."""
+    state.global_step += 1
+    learning_rate = run.lr_scheduler.get_last_lr()[0]
+    state.loss_history.append({"step": state.global_step, "loss": step_loss, "lr": learning_rate})
+    check_finite(step_loss, state, cfg, accelerator.mixed_precision)
+    accelerator.log({"train/loss": step_loss, "train/lr": learning_rate}, step=state.global_step)
+    progress.update(1)
+    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}")
+    if cfg.training.checkpointing_steps and state.global_step % cfg.training.checkpointing_steps == 0:
+        save_training_state(cfg, accelerator, state, run.fingerprint)
+    if cfg.validation.validation_steps and state.global_step % cfg.validation.validation_steps == 0:
+        if accelerator.is_main_process:
+            run_validation(cfg, accelerator, run, state.global_step, final=False)
+
+
+def stop_and_exit(cfg, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, argv) -> None:
+    """Pre-emption or Ctrl-C: checkpoint at this step and say how to resume."""
+    where = save_training_state(cfg, accelerator, state, run.fingerprint)
+    accelerator.print(
+        f"Stopped by {stop.signal_name} after step {state.global_step}; saved {where}. Resume with:\n  "
+        f"{outputs.reproduce_command(argv)} --resume_from_checkpoint latest"
+    )
+    accelerator.end_training()
+    raise SystemExit(128 + signal.Signals[stop.signal_name or "SIGTERM"].value)
 
 
 def stop_requested(accelerator: Accelerator, stop: StopRequest) -> bool:
@@ -348,33 +457,36 @@ def flat_scalars(cfg: TrainConfig) -> dict:
     return flat
 
 
-def finish(cfg, accelerator, models, unet, text_encoder, state, rows, lora_parameters, started, argv) -> Path:
+def finish(cfg, accelerator: Accelerator, run: Run, state: TrainState, num_samples: int, started: float, argv) -> Path:
     """Save the adapter and everything the card, docs and Hub need; main process only."""
     out = Path(cfg.output.output_dir)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        text_encoder_to_save = accelerator.unwrap_model(text_encoder) if cfg.lora.train_text_encoder else None
-        adapter = outputs.save_adapter_atomic(out, accelerator.unwrap_model(unet), text_encoder_to_save)
-        validation = run_validation(cfg, accelerator, models, unet, text_encoder, state.global_step, final=True)
+        text_encoder_to_save = accelerator.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
+        adapter = outputs.save_adapter_atomic(out, accelerator.unwrap_model(run.unet), text_encoder_to_save)
+        validation = run_validation(cfg, accelerator, run, state.global_step, final=True)
         outputs.write_loss_history(out, state.loss_history)
         outputs.plot_loss_curve(out, state.loss_history)
-        outputs.write_summary(out, {
-            "base_model": cfg.model.pretrained_model_name_or_path,
-            "dataset": cfg.data.dataset_name or cfg.data.train_data_dir,
-            "num_samples": len(rows),
-            "global_step": state.global_step,
-            "num_train_epochs": cfg.training.num_train_epochs,
-            "lora_trainable_parameters": lora_parameters,
-            "adapter_file_bytes": adapter.stat().st_size,
-            "train_seconds": round(time.time() - started, 2),
-            "final_loss": state.loss_history[-1]["loss"] if state.loss_history else None,
-            "command": outputs.reproduce_command(argv),
-            "mixed_precision": accelerator.mixed_precision,
-            "num_processes": accelerator.num_processes,
-            "validation": validation,
-            "instance_prompt": None,
-            "license": outputs.base_license(cfg.model.pretrained_model_name_or_path),
-        })
+        outputs.write_summary(
+            out,
+            {
+                "base_model": cfg.model.pretrained_model_name_or_path,
+                "dataset": cfg.data.dataset_name or cfg.data.train_data_dir,
+                "num_samples": num_samples,
+                "global_step": state.global_step,
+                "num_train_epochs": cfg.training.num_train_epochs,
+                "lora_trainable_parameters": run.lora_parameters,
+                "adapter_file_bytes": adapter.stat().st_size,
+                "train_seconds": round(time.time() - started, 2),
+                "final_loss": state.loss_history[-1]["loss"] if state.loss_history else None,
+                "command": outputs.reproduce_command(argv),
+                "mixed_precision": accelerator.mixed_precision,
+                "num_processes": accelerator.num_processes,
+                "validation": validation,
+                "instance_prompt": None,
+                "license": outputs.base_license(cfg.model.pretrained_model_name_or_path),
+            },
+        )
         write_model_card(out)
         if cfg.output.export_kohya:
             export_kohya(out)

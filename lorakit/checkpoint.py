@@ -84,14 +84,20 @@ def register_lora_hooks(accelerator: Accelerator, unet: torch.nn.Module, text_en
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
-            save_adapter(output_dir, accelerator.unwrap_model(unet),
-                         accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
+            save_adapter(
+                output_dir,
+                accelerator.unwrap_model(unet),
+                accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+            )
         weights.clear()  # nothing else: the frozen base is not part of the training state
 
     def load_hook(models: list, input_dir: str) -> None:
         models.clear()
-        load_lora_into(input_dir, accelerator.unwrap_model(unet),
-                       accelerator.unwrap_model(text_encoder) if text_encoder is not None else None)
+        load_lora_into(
+            input_dir,
+            accelerator.unwrap_model(unet),
+            accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
+        )
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -105,7 +111,9 @@ def load_lora_into(folder: str | Path, unet: torch.nn.Module, text_encoder: torc
     if getattr(result, "unexpected_keys", None):
         raise ConfigError(f"Checkpoint {folder} has LoRA weights this UNet lacks: {result.unexpected_keys[:3]} ...")
     if text_encoder is not None:
-        text_state = {k.removeprefix("text_encoder."): v for k, v in state_dict.items() if k.startswith("text_encoder.")}
+        text_state = {
+            k.removeprefix("text_encoder."): v for k, v in state_dict.items() if k.startswith("text_encoder.")
+        }
         from diffusers.utils import convert_state_dict_to_peft
 
         set_peft_model_state_dict(text_encoder, convert_state_dict_to_peft(text_state), adapter_name="default")

@@ -71,7 +71,26 @@ class DataConfig:
     center_crop: bool = field(default=False, metadata={"help": "Center crop instead of a random crop."})
     random_flip: bool = field(default=False, metadata={"help": "Randomly flip images horizontally."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many samples."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes (0: main)."})
+    dataloader_num_workers: int = field(
+        default=0, metadata={"help": "DataLoader worker processes that decode and resize images (0: main process)."}
+    )
+    dataloader_prefetch_factor: int | None = field(
+        default=None, metadata={"help": "Batches each worker prepares ahead (torch default 2; needs workers)."}
+    )
+    persistent_workers: bool = field(
+        default=False, metadata={"help": "Keep workers alive between epochs (augmentations then repeat per epoch)."}
+    )
+    mix_train_data_dir: list[str] = field(
+        default_factory=list,
+        metadata={"help": "More local datasets mixed into training (e.g. replay of earlier data).", "nargs": "*"},
+    )
+    mix_weights: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "Sampling weights: the main dataset's first, then one per --mix_train_data_dir.",
+            "nargs": "*",
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded datasets are cached."})
 
     def __post_init__(self) -> None:
@@ -85,6 +104,13 @@ class DataConfig:
             raise ConfigError("--max_train_samples must be at least 1 (or left out to use all samples).")
         if self.dataloader_num_workers < 0:
             raise ConfigError("--dataloader_num_workers must be 0 or more.")
+        if self.mix_train_data_dir and len(self.mix_weights) != len(self.mix_train_data_dir) + 1:
+            raise ConfigError(
+                f"--mix_weights needs {len(self.mix_train_data_dir) + 1} values (main dataset first, then one per "
+                f"--mix_train_data_dir), got {len(self.mix_weights)}."
+            )
+        if self.mix_weights and (any(w <= 0 for w in self.mix_weights) or not self.mix_train_data_dir):
+            raise ConfigError("--mix_weights must be positive and go with --mix_train_data_dir.")
 
 
 @dataclass
@@ -99,6 +125,10 @@ class LoraArgs:
         metadata={"help": "UNet module names that get LoRA layers.", "nargs": "+"},
     )
     train_text_encoder: bool = field(default=False, metadata={"help": "Also train LoRA layers on the text encoder."})
+    init_adapter: str | None = field(
+        default=None,
+        metadata={"help": "Start from an existing adapter (folder) instead of fresh LoRA weights; same rank."},
+    )
     text_encoder_target_modules: list[str] = field(
         default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGET_MODULES),
         metadata={"help": "Text-encoder module names that get LoRA layers.", "nargs": "+"},
@@ -125,9 +155,7 @@ class TrainingArgs:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per step."})
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
     scale_lr: bool = field(default=False, metadata={"help": "Scale lr by batch size, accumulation and processes."})
-    lr_scheduler: str = field(
-        default="constant", metadata={"help": "LR schedule.", "choices": LR_SCHEDULER_CHOICES}
-    )
+    lr_scheduler: str = field(default="constant", metadata={"help": "LR schedule.", "choices": LR_SCHEDULER_CHOICES})
     lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the LR schedule."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
@@ -153,6 +181,14 @@ class TrainingArgs:
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for UNet memory."})
     allow_tf32: bool = field(default=False, metadata={"help": "Allow TF32 matmuls on Ampere+ GPUs."})
+    cache_latents: bool = field(
+        default=False, metadata={"help": "Encode images and captions once (frozen VAE/text encoder), cached on disk."}
+    )
+    latent_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where --cache_latents stores its files (default ~/.cache/lorakit/latents)."}
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet (faster steps after warm-up)."})
+    channels_last: bool = field(default=False, metadata={"help": "UNet in channels_last memory format (GPU convs)."})
     checkpointing_steps: int | None = field(
         default=None, metadata={"help": "Save the full training state every N steps (output_dir/checkpoint-N)."}
     )
@@ -283,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         default=None,
-        help=f"YAML file of settings (flat or by section); flags win. Default with no model given: {SHAPES_PRESET.name}",
+        help=f"YAML file of settings (flat or by section); flags win. Default without a model: {SHAPES_PRESET.name}",
     )
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
@@ -297,7 +333,9 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config, flat or nested by section, into a flat {field: value} dict."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist. Presets live in {_relative_to_repo(REPO_ROOT)}/configs/.")
+        raise ConfigError(
+            f"Config file {path} does not exist. Presets live in {_relative_to_repo(REPO_ROOT)}/configs/."
+        )
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of settings, not {type(raw).__name__}.")

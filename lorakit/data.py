@@ -42,7 +42,9 @@ def load_raw_dataset(cfg: DataConfig) -> datasets.Dataset:
             return datasets.load_dataset(str(local), split="train", cache_dir=cfg.cache_dir)
         except (FileNotFoundError, ValueError) as error:
             if "corresponds to no data" in str(error) or "Unable to find" in str(error):
-                raise DataError(f"The dataset folder {local} is empty: it has no images or rows to train on.") from error
+                raise DataError(
+                    f"The dataset folder {local} is empty: it has no images or rows to train on."
+                ) from error
             raise DataError(f"Could not read a dataset from {local}: {error}") from error
     return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split="train", cache_dir=cfg.cache_dir)
 
@@ -85,24 +87,56 @@ def _open_image(value: Any) -> Image.Image:
 
 def check_images(dataset: datasets.Dataset, image_column: str) -> None:
     """Fail fast on an unreadable image: header check of every row, no full decode."""
-    raw = dataset.cast_column(image_column, datasets.Image(decode=False)) if isinstance(
-        dataset.features[image_column], datasets.Image
-    ) else dataset
+    raw = (
+        dataset.cast_column(image_column, datasets.Image(decode=False))
+        if isinstance(dataset.features[image_column], datasets.Image)
+        else dataset
+    )
     for index, value in enumerate(raw[image_column]):
         try:
             with _open_image(value) as image:
                 image.verify()
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             where = value.get("path") if isinstance(value, dict) else f"row {index}"
-            raise DataError(f"Image at row {index} ({where}) cannot be read: {error}. Remove or replace it.") from error
+            raise DataError(
+                f"Image at row {index} ({where}) cannot be read: {error}. Remove or replace it."
+            ) from error
 
 
-def prepare_dataset(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, str, str]:
-    """Load, check and subsample the training data before any model is loaded."""
+def _load_checked(cfg: DataConfig) -> tuple[datasets.Dataset, str, str]:
     dataset = load_raw_dataset(cfg)
     if len(dataset) == 0:
         raise DataError(f"The dataset {cfg.train_data_dir or cfg.dataset_name} is empty: it has no rows to train on.")
     image_column, caption_column = resolve_columns(dataset, cfg)
+    return dataset, image_column, caption_column
+
+
+def mix_datasets(
+    main: datasets.Dataset, image_column: str, caption_column: str, cfg: DataConfig, seed: int
+) -> datasets.Dataset:
+    """Interleave the main data with `--mix_train_data_dir` folders by `--mix_weights`.
+
+    The epoch ends when the first dataset runs out, so with the new data weighted highest every new
+    sample is seen once and older data is replayed at the stated share (no oversampling).
+    """
+    parts = [main.select_columns([image_column, caption_column])]
+    for folder in cfg.mix_train_data_dir:
+        extra_cfg = DataConfig(train_data_dir=folder, resolution=cfg.resolution)
+        extra, extra_image, extra_caption = _load_checked(extra_cfg)
+        extra = extra.select_columns([extra_image, extra_caption])
+        extra = extra.rename_columns({extra_image: image_column, extra_caption: caption_column})
+        parts.append(extra.cast(parts[0].features))
+    total = sum(cfg.mix_weights)
+    return datasets.interleave_datasets(
+        parts, probabilities=[w / total for w in cfg.mix_weights], seed=seed, stopping_strategy="first_exhausted"
+    )
+
+
+def prepare_dataset(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, str, str]:
+    """Load, check, mix and subsample the training data before any model is loaded."""
+    dataset, image_column, caption_column = _load_checked(cfg)
+    if cfg.mix_train_data_dir:
+        dataset = mix_datasets(dataset, image_column, caption_column, cfg, seed)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(cfg.max_train_samples))
     check_images(dataset, image_column)
@@ -162,13 +196,17 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
         row = self.rows[int(index)]
-        image = resize_and_crop(_open_image(row[self.image_column]).convert("RGB"), self.resolution,
-                                self.center_crop, rng)
+        image = resize_and_crop(
+            _open_image(row[self.image_column]).convert("RGB"), self.resolution, self.center_crop, rng
+        )
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         caption = pick_caption(row[self.caption_column], rng)
         input_ids = self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True,
+            caption,
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
             return_tensors="pt",
         ).input_ids[0]
         return {"pixel_values": image_to_tensor(image), "input_ids": input_ids, "index": torch.tensor(index)}

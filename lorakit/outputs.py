@@ -85,8 +85,10 @@ def plot_loss_curve(output_dir: str | Path, history: list[dict[str, float]]) -> 
     steps = [row["step"] for row in history]
     losses = [row["loss"] for row in history]
     window = max(1, len(losses) // 10)
-    smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
-              for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
     figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
     axis.plot(steps, losses, alpha=0.35, label="loss per step")
     axis.plot(steps, smooth, label=f"moving average ({window} steps)")

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from lorakit.config import ConfigError, LoraArgs, ModelConfig, TrainConfig, TrainingArgs
 from lorakit.lora import make_lora_config
+from lorakit.timing import NULL_TIMER, PhaseTimer
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -71,7 +73,9 @@ def load_models(model_cfg: ModelConfig, prediction_type: str | None = None) -> M
     )
 
 
-def attach_lora(models: Models, lora: LoraArgs, weight_dtype: torch.dtype, device: torch.device) -> list[torch.nn.Parameter]:
+def attach_lora(
+    models: Models, lora: LoraArgs, weight_dtype: torch.dtype, device: torch.device
+) -> list[torch.nn.Parameter]:
     """Freeze the base, move it to `weight_dtype`, add LoRA layers, keep them fp32; return trainable params."""
     for module in (models.unet, models.vae, models.text_encoder):
         module.requires_grad_(False)
@@ -89,7 +93,9 @@ def attach_lora(models: Models, lora: LoraArgs, weight_dtype: torch.dtype, devic
     return [p for module in trainable_modules for p in module.parameters() if p.requires_grad]
 
 
-def make_optimizer(params: list[torch.nn.Parameter], training: TrainingArgs, learning_rate: float) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[torch.nn.Parameter], training: TrainingArgs, learning_rate: float
+) -> torch.optim.Optimizer:
     """AdamW (8-bit from bitsandbytes when asked); fused kernels on CUDA where torch has them."""
     kwargs = {
         "lr": learning_rate,
@@ -185,9 +191,32 @@ def step_generator(seed: int, global_step: int, process_index: int, device: torc
 def encode_latents(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Sample the VAE posterior and scale to the UNet's latent space (vae.config.scaling_factor)."""
     posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
-    latents = posterior.sample(generator=generator)
+    return scale_latents(vae, posterior.sample(generator=generator))
+
+
+def scale_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Shift and scale raw VAE latents into the UNet's latent space."""
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
+
+
+def batch_latents(models: Models, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    """Latents of a batch: from cached posterior moments when present, else by running the VAE.
+
+    Both draw the posterior sample with the same generator call, so cached and uncached runs match.
+    """
+    if "latent_moments" in batch:
+        moments = batch["latent_moments"].to(models.vae.device)
+        return scale_latents(models.vae, DiagonalGaussianDistribution(moments).sample(generator=generator))
+    with torch.no_grad():
+        return encode_latents(models.vae, batch["pixel_values"], generator)
+
+
+def batch_text_embeddings(text_encoder: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Encoder hidden states: cached when the text encoder is frozen and the cache is on, else computed."""
+    if "encoder_hidden_states" in batch:
+        return batch["encoder_hidden_states"]
+    return text_encoder(batch["input_ids"], return_dict=False)[0]
 
 
 def training_loss(
@@ -197,10 +226,11 @@ def training_loss(
     batch: dict[str, torch.Tensor],
     training: TrainingArgs,
     generator: torch.Generator,
+    timer: PhaseTimer = NULL_TIMER,
 ) -> torch.Tensor:
     """One forward pass: encode, add noise at random timesteps, predict, compare."""
-    with torch.no_grad():
-        latents = encode_latents(models.vae, batch["pixel_values"], generator).float()
+    with timer.phase("vae_encoding"):
+        latents = batch_latents(models, batch, generator).float()
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     if training.noise_offset:
         # Offset noise lets the model learn very dark/bright images (crosslabs.org/blog/diffusion-with-offset-noise).
@@ -210,7 +240,9 @@ def training_loss(
     num_timesteps = models.noise_scheduler.config.num_train_timesteps
     timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=latents.device)
     noisy_latents = models.noise_scheduler.add_noise(latents, noise, timesteps)
-    encoder_hidden_states = text_encoder(batch["input_ids"], return_dict=False)[0]
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    with timer.phase("text_encoding"):
+        encoder_hidden_states = batch_text_embeddings(text_encoder, batch)
+    with timer.phase("unet_forward_backward"):
+        model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     target = diffusion_target(models.noise_scheduler, latents, noise, timesteps)
     return diffusion_loss(model_pred, target, timesteps, models.noise_scheduler, training.snr_gamma)

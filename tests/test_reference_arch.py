@@ -25,17 +25,33 @@ def bk_sdm_tiny_dir(tmp_path_factory):
 def test_bk_sdm_tiny_architecture_trains_through_the_same_code_path(bk_sdm_tiny_dir, tiny_dataset_dir, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     out = tmp_path / "out"
-    result = train_lora.train(parse_args([
-        "--pretrained_model_name_or_path", str(bk_sdm_tiny_dir), "--train_data_dir", str(tiny_dataset_dir),
-        "--resolution", "64", "--rank", "4", "--max_train_steps", "1", "--output_dir", str(out),
-        "--report_to", "none",
-    ]))
+    result = train_lora.train(
+        parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                str(bk_sdm_tiny_dir),
+                "--train_data_dir",
+                str(tiny_dataset_dir),
+                "--resolution",
+                "64",
+                "--rank",
+                "4",
+                "--max_train_steps",
+                "1",
+                "--output_dir",
+                str(out),
+                "--report_to",
+                "none",
+            ]
+        )
+    )
     trainable = sum(p.numel() for p in result.unet.parameters() if p.requires_grad)
     assert trainable == BK_SDM_TINY_LORA_RANK4
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["lora_trainable_parameters"] == BK_SDM_TINY_LORA_RANK4
     with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as adapter:
-        stored = sum(adapter.get_slice(key).get_shape()[0] * adapter.get_slice(key).get_shape()[1]
-                     for key in adapter.keys())
+        stored = sum(
+            adapter.get_slice(key).get_shape()[0] * adapter.get_slice(key).get_shape()[1] for key in adapter.keys()
+        )
     assert stored == BK_SDM_TINY_LORA_RANK4
     assert summary["global_step"] == 1 and summary["final_loss"] > 0

@@ -26,9 +26,24 @@ ADAPTER = "pytorch_lora_weights.safetensors"
 
 def train_args(pipeline: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--pretrained_model_name_or_path", str(pipeline), "--train_data_dir", str(data), "--resolution", "32",
-        "--output_dir", str(out), "--train_batch_size", "2", "--learning_rate", "1e-3", "--report_to", "none",
-        "--lr_scheduler", "cosine", "--random_flip", *extra,
+        "--pretrained_model_name_or_path",
+        str(pipeline),
+        "--train_data_dir",
+        str(data),
+        "--resolution",
+        "32",
+        "--output_dir",
+        str(out),
+        "--train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--lr_scheduler",
+        "cosine",
+        "--random_flip",
+        *extra,
     ]
 
 
@@ -113,8 +128,19 @@ def test_sigterm_saves_a_checkpoint_and_latest_finishes_the_epoch(tiny_pipeline_
 def test_checkpoints_total_limit_keeps_exactly_k(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     AcceleratorState._reset_state(reset_partial_state=True)
     out = tmp_path / "out"
-    train_lora.train(parse_args(train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--checkpointing_steps", "1",
-                                           "--checkpoints_total_limit", "2")))
+    train_lora.train(
+        parse_args(
+            train_args(
+                tiny_pipeline_dir,
+                tiny_dataset_dir,
+                out,
+                "--checkpointing_steps",
+                "1",
+                "--checkpoints_total_limit",
+                "2",
+            )
+        )
+    )
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-5", "checkpoint-6"]
 
 
@@ -123,15 +149,27 @@ def test_resume_with_a_changed_batch_size_is_refused(tiny_pipeline_dir, tiny_dat
     out = tmp_path / "out"
     train_lora.train(parse_args(train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--checkpointing_steps", "3")))
     AcceleratorState._reset_state(reset_partial_state=True)
-    code = train_lora.main(train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--train_batch_size", "3",
-                                      "--resume_from_checkpoint", "latest", "--rank", "8"))
+    code = train_lora.main(
+        train_args(
+            tiny_pipeline_dir,
+            tiny_dataset_dir,
+            out,
+            "--train_batch_size",
+            "3",
+            "--resume_from_checkpoint",
+            "latest",
+            "--rank",
+            "8",
+        )
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "train_batch_size: checkpoint 2, now 3" in err and "rank: checkpoint 4, now 8" in err
 
 
-def test_nan_loss_stops_with_step_and_last_good_checkpoint(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, monkeypatch,
-                                                           capsys):
+def test_nan_loss_stops_with_step_and_last_good_checkpoint(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, monkeypatch, capsys
+):
     AcceleratorState._reset_state(reset_partial_state=True)
     original = train_lora.training_loss
     calls = {"n": 0}
@@ -157,13 +195,31 @@ def test_two_processes_see_each_sample_once_and_write_one_adapter(tiny_pipeline_
     seen.mkdir()
     # accelerate 1.x runs `--cpu --num_processes 2` as one process; DDP on CPU (gloo) is the multi-process
     # launcher with ACCELERATE_USE_CPU set, as the README documents.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    completed = run_faulty(f"record_indices:{seen}", train_args(tiny_pipeline_dir, tiny_dataset_dir, out), launcher,
-                           ACCELERATE_USE_CPU="true")
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    completed = run_faulty(
+        f"record_indices:{seen}",
+        train_args(tiny_pipeline_dir, tiny_dataset_dir, out),
+        launcher,
+        ACCELERATE_USE_CPU="true",
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    per_process = [[i for line in (seen / f"indices-{rank}.jsonl").read_text().splitlines() for i in json.loads(line)]
-                   for rank in ("0", "1")]
+    per_process = [
+        [i for line in (seen / f"indices-{rank}.jsonl").read_text().splitlines() for i in json.loads(line)]
+        for rank in ("0", "1")
+    ]
     assert sorted(per_process[0] + per_process[1]) == list(range(12))  # 12 rows, each seen once overall
     assert len(per_process[0]) == len(per_process[1]) == 6
     summary = json.loads((out / "train_summary.json").read_text())
@@ -171,9 +227,11 @@ def test_two_processes_see_each_sample_once_and_write_one_adapter(tiny_pipeline_
     assert list(out.glob("*.safetensors")) == [out / ADAPTER]
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
-    base = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                output_type="pt").images
+    base = pipe(
+        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     pipe.load_lora_weights(out)
-    adapted = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
-                   output_type="pt").images
+    adapted = pipe(
+        "a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt"
+    ).images
     assert (adapted - base).abs().max() > 1e-4

@@ -22,10 +22,21 @@ def models_must_not_load(monkeypatch):
 
 
 def run(capsys, pipeline: Path, data: Path | str, out: Path, *extra: str) -> tuple[int, str]:
-    code = train_lora.main([
-        "--pretrained_model_name_or_path", str(pipeline), "--train_data_dir", str(data), "--resolution", "32",
-        "--output_dir", str(out), "--report_to", "none", *extra,
-    ])
+    code = train_lora.main(
+        [
+            "--pretrained_model_name_or_path",
+            str(pipeline),
+            "--train_data_dir",
+            str(data),
+            "--resolution",
+            "32",
+            "--output_dir",
+            str(out),
+            "--report_to",
+            "none",
+            *extra,
+        ]
+    )
     return code, capsys.readouterr().err
 
 
@@ -48,9 +59,10 @@ def test_missing_caption_column(capsys, tiny_pipeline_dir, tmp_path):
 
 
 def test_empty_dataset(capsys, tiny_pipeline_dir, tmp_path):
-    empty = datasets.Dataset.from_dict({"image": [], "text": []},
-                                       features=datasets.Features({"image": datasets.Image(),
-                                                                   "text": datasets.Value("string")}))
+    empty = datasets.Dataset.from_dict(
+        {"image": [], "text": []},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}),
+    )
     (tmp_path / "empty").mkdir()
     empty.to_parquet(str(tmp_path / "empty" / "train.parquet"))
     code, err = run(capsys, tiny_pipeline_dir, tmp_path / "empty", tmp_path / "out")
@@ -106,8 +118,9 @@ def test_yaml_config_with_flags_winning(tiny_pipeline_dir, tiny_dataset_dir, tmp
 
     config = tmp_path / "preset.yaml"
     config.write_text(json.dumps({"lora": {"rank": 8}, "training": {"learning_rate": 5e-4}}))
-    cfg = parse_args(["--config", str(config), "--learning_rate", "2e-4",
-                      "--pretrained_model_name_or_path", str(tiny_pipeline_dir)])
+    cfg = parse_args(
+        ["--config", str(config), "--learning_rate", "2e-4", "--pretrained_model_name_or_path", str(tiny_pipeline_dir)]
+    )
     assert cfg.lora.rank == 8 and cfg.training.learning_rate == 2e-4
     assert cfg.lora.lora_alpha == 8.0  # resolved from the rank, so the saved config states the scale
     shutil.rmtree(tmp_path / "out", ignore_errors=True)

@@ -1,0 +1,52 @@
+"""Where a training step's time goes: a phase timer the bench switches on (a no-op otherwise)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+# The phases of one training step, in order, as the bench reports them.
+PHASES = ("data_wait", "text_encoding", "vae_encoding", "unet_forward_backward", "optimizer_step")
+
+
+class PhaseTimer:
+    """Accumulates wall time per named phase; synchronizes CUDA so GPU work lands in the right phase."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] += time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        if self.enabled:
+            self.seconds[name] += seconds
+
+    @staticmethod
+    def _sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def per_step(self) -> dict[str, float]:
+        """Mean seconds per optimizer step for each phase (0.0 for phases that never ran)."""
+        steps = max(self.steps, 1)
+        return {name: self.seconds.get(name, 0.0) / steps for name in PHASES}
+
+
+NULL_TIMER = PhaseTimer(enabled=False)
