@@ -74,7 +74,7 @@ def encode_dataset(models: Models, dataset: CaptionedImageDataset, cache_text: b
     tensors.update(
         {"encoder_hidden_states": torch.cat(embeddings)} if cache_text else {"input_ids": torch.cat(input_ids)}
     )
-    return tensors
+    return {name: tensor.contiguous() for name, tensor in tensors.items()}
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):

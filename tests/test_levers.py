@@ -1,0 +1,122 @@
+"""Trainer levers: latent cache (same loss, reuse, invalidation), phase timer, init adapter, data mixing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+import train_lora
+from conftest import make_tiny_imagefolder
+from lorakit.config import parse_args
+from lorakit.data import prepare_dataset
+from lorakit.timing import PHASES, PhaseTimer
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def args(pipeline: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(pipeline), "--train_data_dir", str(data), "--resolution", "32",
+        "--output_dir", str(out), "--train_batch_size", "2", "--learning_rate", "1e-3", "--report_to", "none",
+        "--overwrite_output_dir", *extra,
+    ]  # fmt: skip
+
+
+def losses(out: Path) -> list[float]:
+    return [row["loss"] for row in json.loads((out / "loss_history.json").read_text())["history"]]
+
+
+def test_cached_latents_give_the_same_losses_and_are_reused(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    cache = tmp_path / "cache"
+    plain = train_lora.train(parse_args(args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "plain")))
+    first = train_lora.train(
+        parse_args(args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a", "--cache_latents",
+                        "--latent_cache_dir", str(cache)))
+    )  # fmt: skip
+    assert first.latent_cache["hit"] is False and len(list(cache.glob("*.safetensors"))) == 1
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    sweep = train_lora.train(
+        parse_args(args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "b", "--cache_latents",
+                        "--latent_cache_dir", str(cache), "--learning_rate", "5e-4"))
+    )  # fmt: skip
+    assert sweep.latent_cache["hit"] is True  # a learning-rate sweep encodes once
+    assert plain.state.global_step == sweep.state.global_step == 6
+
+
+def test_cache_is_invalidated_when_the_resolution_or_data_change(tiny_pipeline_dir, tmp_path):
+    cache, data = tmp_path / "cache", make_tiny_imagefolder(tmp_path / "data", rows=4)
+    common = ["--cache_latents", "--latent_cache_dir", str(cache), "--max_train_steps", "1"]
+    train_lora.train(parse_args(args(tiny_pipeline_dir, data, tmp_path / "o", *common)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    second = train_lora.train(parse_args(args(tiny_pipeline_dir, data, tmp_path / "o", *common, "--center_crop")))
+    assert second.latent_cache["hit"] is False
+    make_tiny_imagefolder(data, rows=5, seed=1)  # new rows and new pixels
+    AcceleratorState._reset_state(reset_partial_state=True)
+    third = train_lora.train(parse_args(args(tiny_pipeline_dir, data, tmp_path / "o", *common)))
+    assert third.latent_cache["hit"] is False and len(list(cache.glob("*.safetensors"))) == 3
+
+
+def test_phase_timer_sees_no_vae_or_text_time_with_the_cache(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    cache = tmp_path / "cache"
+    plain_timer, cached_timer = PhaseTimer(), PhaseTimer()
+    train_lora.train(parse_args(args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "p")), timer=plain_timer)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cached_args = args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "c", "--cache_latents", "--latent_cache_dir",
+                       str(cache))  # fmt: skip
+    train_lora.train(parse_args(cached_args), timer=cached_timer)
+    plain, cached = plain_timer.per_step(), cached_timer.per_step()
+    assert set(plain) == set(PHASES) and plain_timer.steps == 6
+    assert plain["vae_encoding"] > 0 and plain["text_encoding"] > 0 and plain["unet_forward_backward"] > 0
+    # With the cache the VAE and text encoder never run: what is left is a tensor lookup.
+    assert cached["vae_encoding"] < 0.2 * plain["vae_encoding"]
+    assert cached["text_encoding"] < 0.05 * plain["text_encoding"]
+
+
+def test_init_adapter_starts_from_an_existing_adapter(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    first = tmp_path / "first"
+    train_lora.train(parse_args(args(tiny_pipeline_dir, tiny_dataset_dir, first, "--max_train_steps", "2")))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    result = train_lora.train(
+        parse_args(args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "second", "--init_adapter", str(first),
+                        "--learning_rate", "1e-12", "--max_train_steps", "1"))
+    )  # fmt: skip
+    start, after = (
+        load_file(first / "pytorch_lora_weights.safetensors"),
+        load_file(tmp_path / "second" / "pytorch_lora_weights.safetensors"),
+    )
+    assert start.keys() == after.keys()
+    for key in start:  # a learning rate of 1e-12 leaves the initial adapter as it was loaded
+        assert torch.allclose(start[key], after[key], atol=1e-6), key
+    assert result.state.global_step == 1
+
+
+def test_mixing_datasets_replays_old_data_at_the_stated_share(tmp_path):
+    new = make_tiny_imagefolder(tmp_path / "new", rows=12, seed=0)
+    old = make_tiny_imagefolder(tmp_path / "old", rows=12, seed=1)
+    for folder, tag in ((new, "new"), (old, "old")):
+        rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+        text = "".join(json.dumps({**row, "text": f"{tag} {row['text']}"}) + "\n" for row in rows)
+        (folder / "metadata.jsonl").write_text(text)
+    cfg = parse_args(["--train_data_dir", str(new), "--mix_train_data_dir", str(old), "--mix_weights", "3", "1"])
+    mixed, _, caption = prepare_dataset(cfg.data, seed=0)
+    captions = mixed[caption]
+    new_count = sum(c.startswith("new") for c in captions)
+    assert new_count == 12 and len(set(c for c in captions if c.startswith("new"))) <= 12
+    assert 1 <= len(captions) - new_count <= 8  # about a quarter of the epoch is replayed old data
+
+
+def test_mix_weights_must_match_the_datasets(capsys, tiny_dataset_dir):
+    code = train_lora.main(["--train_data_dir", str(tiny_dataset_dir), "--mix_train_data_dir", "x", "--mix_weights",
+                            "1"])  # fmt: skip
+    assert code == 2 and "--mix_weights needs 2 values" in capsys.readouterr().err
