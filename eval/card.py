@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from eval.report import markdown_table
 from lorakit.atomic import atomic_write_text
+from lorakit.card import is_hub_id, update_card_with_eval
 
 SECTION_START = "<!-- lorakit-eval:start -->"
 SECTION_END = "<!-- lorakit-eval:end -->"
@@ -25,6 +26,8 @@ RUN_FILES = ("training_config.yaml", "train_summary.json")
 def card_metrics(results: dict) -> list[dict]:
     """The adapter's metrics in lorakit.card's schema (base figures stay in the table)."""
     metrics = []
+    clip = results["clip_model"]
+    judge = clip if is_hub_id(clip) else f"local CLIP {Path(clip).name}"
     for row in results["prompt_sets"]:
         common = {
             "task_type": "text-to-image",
@@ -36,7 +39,7 @@ def card_metrics(results: dict) -> list[dict]:
             {
                 **common,
                 "metric_type": "clip_score",
-                "metric_name": f"CLIP score ({Path(results['clip_model']).name})",
+                "metric_name": f"CLIP score ({judge})",
                 "value": round(row["adapter"]["clip_score"], 4),
             }
         )
@@ -94,7 +97,5 @@ def update_card_in_place(card_dir: str | Path, results: dict) -> Path:
 def update_card(card_dir: str | Path, results: dict) -> Path:
     """Put the results into card_dir's model card; the card helper re-renders trainer runs."""
     if all((Path(card_dir) / name).is_file() for name in RUN_FILES):
-        from lorakit.card import update_card_with_eval
-
         return update_card_with_eval(card_dir, results)
     return update_card_in_place(card_dir, results)
