@@ -1,0 +1,1 @@
+"""Benchmarks of the trainer and the Space: `python -m bench train|generate|report` (see docs/benchmarks.md)."""

@@ -1,0 +1,219 @@
+"""`python -m bench generate`: seconds per image with the Space's own code (space/app.py), and its cold start."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, PNDMScheduler
+
+from lorakit.paths import REPO_ROOT
+
+SPACE_APP = REPO_ROOT / "space" / "app.py"
+COLD_START_TIMEOUT_S = 600
+
+
+def load_space_app():
+    """Import space/app.py by file path (the Space folder is deliberately not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_space_app", SPACE_APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_image(app, pipe, prompt: str, steps: int, device: str) -> tuple[float, np.ndarray]:
+    """One image through the Space's sampling function; returns (seconds, pixels)."""
+    _sync(device)
+    start = time.perf_counter()
+    image = app._sample(pipe, prompt, "", 0, steps, app.DEFAULT_GUIDANCE, None, 0, steps)
+    _sync(device)
+    return time.perf_counter() - start, np.asarray(image, dtype=np.float32)
+
+
+def time_round_robin(app, variants: dict, prompt: str, repeats: int, device: str) -> dict[str, dict]:
+    """Interleave the variants so a change in machine load hits them all alike; one warm-up image each."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    pixels: dict[str, np.ndarray] = {}
+    for name, (pipe, steps) in variants.items():
+        pixels[name] = seconds_per_image(app, pipe, prompt, steps, device)[1]
+    for _ in range(repeats):
+        for name, (pipe, steps) in variants.items():
+            times[name].append(seconds_per_image(app, pipe, prompt, steps, device)[0])
+    return {
+        name: {"steps": variants[name][1], "seconds_per_image": statistics.median(values), "samples": values,
+               "pixels": pixels[name]}
+        for name, values in times.items()
+    }
+
+
+def base_pipeline(app, base: str, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """The base model alone, set up as the Space sets up its pipeline (DPM-Solver++, no progress bar)."""
+    pipe = DiffusionPipeline.from_pretrained(base, use_safetensors=True, **{app._DTYPE_KWARG: dtype})
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def adapter_load_seconds(pipe: DiffusionPipeline, adapter: str, repeats: int) -> float:
+    """Median time to load the adapter into an already loaded base pipeline (what a Space pays per adapter)."""
+    times = []
+    for index in range(repeats):
+        start = time.perf_counter()
+        pipe.load_lora_weights(adapter, adapter_name=f"timed{index}", use_safetensors=True)
+        times.append(time.perf_counter() - start)
+        pipe.unload_lora_weights()
+    return statistics.median(times)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def space_cold_start(base: str, adapter: str, steps: int, prompt: str, log_path: Path, device: str) -> dict:
+    """`python space/app.py` from process start to the first image returned over the API (gradio_client)."""
+    from gradio_client import Client
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "BASE_MODEL": base, "LORA_ADAPTER": adapter}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    url = f"http://127.0.0.1:{port}/"
+    with open(log_path, "w") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, str(SPACE_APP)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client, serving_s = None, None
+        while client is None:
+            if process.poll() is not None:
+                raise RuntimeError(f"space/app.py exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            if time.perf_counter() - started > COLD_START_TIMEOUT_S:
+                raise RuntimeError(f"space/app.py did not serve within {COLD_START_TIMEOUT_S}s; log: {log_path}")
+            try:
+                client = Client(url, verbose=False)
+                serving_s = time.perf_counter() - started
+            except Exception:  # connection refused until gradio is up; any error here means "not yet"
+                time.sleep(0.25)
+        client.predict(prompt, "", 0, False, steps, 7.5, 1.0, False, api_name="/generate")
+        first_image_s = time.perf_counter() - started
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return {"serving_s": serving_s, "first_image_s": first_image_s, "steps": steps}
+
+
+def run_generate_bench(base: str, adapter: str, device: str, steps: int | None, short: bool, work_dir: Path,
+                       cold_start: bool = True) -> dict:
+    """Every generation figure for one base + adapter, measured in this process (ratios from one run)."""
+    app = load_space_app()
+    steps = steps or app.DEFAULT_STEPS
+    pndm_steps = 50
+    if short:
+        steps, pndm_steps = min(steps, 4), 8
+    repeats = 1 if short else 3
+    prompt = app.load_examples()[0]
+    low_dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    full_dtype = torch.float16 if device == "cuda" else torch.float32
+
+    start = time.perf_counter()
+    unfused = app.load_pipeline(base, adapter, device=device)
+    pipeline_load_s = time.perf_counter() - start
+    base_pipe = base_pipeline(app, base, device, full_dtype)
+    load_s = adapter_load_seconds(base_pipe, adapter, repeats=1 if short else 3)
+    fused = app.load_pipeline(base, adapter, device=device)
+    fused.fuse_lora()
+    pndm = app.load_pipeline(base, adapter, device=device)
+    pndm.scheduler = PNDMScheduler.from_config(pndm.scheduler.config)
+    other_precision = app.load_pipeline(base, adapter, device=device)
+    other_dtype = torch.float32 if device == "cuda" else low_dtype
+    other_precision.to(dtype=other_dtype)
+
+    variants = {
+        "base": (base_pipe, steps),
+        "lora_unfused": (unfused, steps),
+        "lora_fused": (fused, steps),
+        "pndm_50": (pndm, pndm_steps),
+        str(other_dtype).replace("torch.", ""): (other_precision, steps),
+    }
+    timed = time_round_robin(app, variants, prompt, repeats, device)
+    image_px = unfused.unet.config.sample_size * unfused.vae_scale_factor
+    fused_pixels_match = float(np.abs(timed["lora_fused"]["pixels"] - timed["lora_unfused"]["pixels"]).max())
+    for row in timed.values():
+        row.pop("pixels")
+    default_s = timed["lora_unfused"]["seconds_per_image"]
+    result = {
+        "base_model": base,
+        "adapter": adapter,
+        "device": device,
+        "dtype": str(full_dtype).replace("torch.", ""),
+        "image_px": image_px,
+        "prompt": prompt,
+        "repeats": repeats,
+        "default_scheduler": "DPMSolverMultistepScheduler (dpmsolver++)",
+        "pipeline_load_s": pipeline_load_s,
+        "adapter_load_s": load_s,
+        "variants": timed,
+        "ratios": {
+            "fused_over_base": timed["lora_fused"]["seconds_per_image"] / timed["base"]["seconds_per_image"],
+            "unfused_over_base": default_s / timed["base"]["seconds_per_image"],
+            "pndm_50_over_default": timed["pndm_50"]["seconds_per_image"] / default_s,
+            "other_precision_over_default": timed[str(other_dtype).replace("torch.", "")]["seconds_per_image"]
+            / default_s,
+        },
+        "fused_vs_unfused_max_pixel_difference": fused_pixels_match,
+    }
+    result["checks"] = {"fused_within_5_percent_of_base": result["ratios"]["fused_over_base"] <= 1.05}
+    del unfused, fused, pndm, other_precision, base_pipe
+    if cold_start:
+        result["space_cold_start"] = space_cold_start(base, adapter, steps, prompt, work_dir / "space.log", device)
+    return result
+
+
+def default_models(base: str | None, adapter: str | None, work_dir: Path) -> tuple[str, str]:
+    """The Space's defaults; for another base without an adapter, a one-step adapter trained here."""
+    app = load_space_app()
+    if base is None and adapter is None:
+        return app.default_base(), app.default_adapter()
+    base = base or app.default_base()
+    return base, adapter or one_step_adapter(base, work_dir)
+
+
+def one_step_adapter(base: str, work_dir: Path) -> str:
+    """Train one step with the real trainer: a correctly shaped adapter for timing (its content is irrelevant)."""
+    from accelerate.state import AcceleratorState
+
+    import train_lora
+    from bench.data import make_image_folder
+    from lorakit.config import parse_args
+
+    out = work_dir / "generate-adapter" / Path(base).name
+    if (out / "pytorch_lora_weights.safetensors").is_file():
+        return str(out)
+    data = make_image_folder(work_dir / "data-png-64-4", 4, 64)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    train_lora.train(parse_args([
+        "--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--resolution", "64",
+        "--max_train_steps", "1", "--output_dir", str(out), "--overwrite_output_dir", "--report_to", "none",
+        "--validation_prompt",
+    ]))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return str(out)

@@ -1,0 +1,320 @@
+"""`python -m bench train`: the trainer's own `train()` for a fixed number of steps, timed phase by phase."""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate.state import AcceleratorState
+
+import train_lora
+from bench.data import make_image_folder
+from bench.machine import PeakMemory, load_average
+from bench.timer import StepStampTimer
+from lorakit.config import parse_args
+from lorakit.paths import BK_SDM_TINY_REFERENCE, EMBEDDED_PIPELINE
+from lorakit.reference import build_reference_pipeline
+from lorakit.timing import PHASES
+
+# Steps dropped before averaging: the first step pays for lazy initialisation (and compilation).
+WARMUP_STEPS = 1
+COMPILE_WARMUP_STEPS = 3
+
+
+@dataclass
+class TrainCase:
+    """One timed trainer run: its flags, how many steps, and which steps make up each epoch."""
+
+    name: str
+    description: str
+    flags: list[str]
+    batch_size: int
+    resolution: int
+    warmup_steps: int = WARMUP_STEPS
+    steps_per_epoch: int | None = None
+    group: str = ""
+    tags: dict = field(default_factory=dict)
+
+
+def reference_pipeline(work_dir: Path) -> Path:
+    """BK-SDM-Tiny's architecture with random weights, built once (~40 s, 2 GB) and kept in `work_dir`."""
+    target = work_dir / "bk-sdm-tiny"
+    if not (target / "model_index.json").is_file():
+        build_reference_pipeline(BK_SDM_TINY_REFERENCE, target)
+    return target
+
+
+def require_embedded() -> None:
+    if not (EMBEDDED_PIPELINE / "model_index.json").is_file():
+        raise SystemExit(
+            f"The embedded pipeline {EMBEDDED_PIPELINE} is missing: build it with `python -m embedded.build` "
+            "or leave out the 'embedded' case."
+        )
+
+
+def run_case(case: TrainCase, work_dir: Path) -> dict:
+    """Run `train_lora.train` with the case's flags and a step-stamping timer; return the figures."""
+    out = work_dir / "runs" / case.name
+    flags = ["--report_to", "none", "--validation_prompt", "--output_dir", str(out), "--overwrite_output_dir",
+             *case.flags]
+    cfg = parse_args(flags)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    gc.collect()
+    timer = StepStampTimer()
+    load_before = load_average()
+    started = time.perf_counter()
+    with PeakMemory() as memory:
+        result = train_lora.train(cfg, flags, timer=timer)
+    total_s = time.perf_counter() - started
+    AcceleratorState._reset_state(reset_partial_state=True)
+    steps = len(timer.stamps)
+    warmup = min(case.warmup_steps, steps - 1)
+    steady = timer.window(warmup + 1, steps)
+    record = {
+        "name": case.name,
+        "group": case.group or case.name,
+        "description": case.description,
+        "flags": case.flags,
+        "tags": case.tags,
+        "batch_size": case.batch_size,
+        "resolution": case.resolution,
+        "steps": steps,
+        "warmup_steps": warmup,
+        "startup_s": timer.loop_started_at - started,
+        "time_to_first_step_s": timer.stamps[0] - started,
+        "total_s": total_s,
+        **summarize(steady, case.batch_size * result_processes()),
+        "peak_rss_mib": memory.peak_rss_mib,
+        "peak_cuda_mib": PeakMemory.peak_cuda_mib(),
+        "loss_history": [entry["loss"] for entry in result.state.loss_history],
+        "load_average_1min": [load_before, load_average()],
+        "latent_cache_hit": (result.latent_cache or {}).get("hit"),
+    }
+    if case.steps_per_epoch:
+        record["epochs"] = epoch_windows(timer, case.steps_per_epoch, warmup, case.batch_size)
+    del result
+    return record
+
+
+def result_processes() -> int:
+    return 1  # the bench runs one process; multi-GPU throughput scales this by the process count
+
+
+def summarize(window: dict, images_per_step: int) -> dict:
+    """Step time, images/s and each phase's seconds and share of the step."""
+    step_s = window["step_s"]
+    phases = window["phases_s"]
+    accounted = sum(phases.values())
+    return {
+        "timed_steps": window["steps"],
+        "step_s": step_s,
+        "images_per_s": images_per_step / step_s if step_s > 0 else None,
+        "phases_s": phases,
+        "phase_share": {name: phases[name] / step_s for name in PHASES},
+        "other_s": step_s - accounted,
+    }
+
+
+def epoch_windows(timer: StepStampTimer, steps_per_epoch: int, warmup: int, batch_size: int) -> list[dict]:
+    """The same figures per epoch (the first epoch without its warm-up steps)."""
+    windows = []
+    for epoch in range(math.ceil(len(timer.stamps) / steps_per_epoch)):
+        first = epoch * steps_per_epoch + 1 + (warmup if epoch == 0 else 0)
+        last = min((epoch + 1) * steps_per_epoch, len(timer.stamps))
+        if first <= last:
+            windows.append({"epoch": epoch + 1, **summarize(timer.window(first, last), batch_size)})
+    return windows
+
+
+# ---- cases -------------------------------------------------------------------------------------------------------
+
+
+def embedded_case(short: bool) -> TrainCase:
+    """The embedded default exactly as `train_lora.py` with no arguments (configs/shapes.yaml), capped in steps."""
+    require_embedded()
+    cfg = parse_args([])
+    steps = 4 if short else 30
+    return TrainCase(
+        name="embedded-default",
+        description="embedded default (configs/shapes.yaml), default data settings",
+        flags=["--max_train_steps", str(steps)],
+        batch_size=cfg.training.train_batch_size,
+        resolution=cfg.data.resolution,
+    )
+
+
+def bk_flags(model: Path, data: Path, resolution: int, batch: int) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution",
+            str(resolution), "--train_batch_size", str(batch), "--rank", "4", "--center_crop", "--no-random_flip",
+            "--learning_rate", "1e-4", "--seed", "0", "--mixed_precision", "no"]
+
+
+def fixed_steps(steps: int) -> list[str]:
+    """Exactly `steps` optimizer steps whatever the dataset size (epochs are cut by --max_train_steps)."""
+    return ["--num_train_epochs", "1000", "--max_train_steps", str(steps)]
+
+
+def bk_sdm_tiny_case(model: Path, work_dir: Path, short: bool, resolution: int = 64, batch: int = 2) -> TrainCase:
+    data = make_image_folder(work_dir / f"data-png-{resolution}", 16, resolution)
+    steps = 3 if short else 10
+    return TrainCase(
+        name=f"bk-sdm-tiny-{resolution}px",
+        description=f"BK-SDM-Tiny architecture (random weights), {resolution} px, batch {batch}, fp32",
+        flags=[*bk_flags(model, data, resolution, batch), *fixed_steps(steps)],
+        batch_size=batch,
+        resolution=resolution,
+    )
+
+
+def jpeg_case(model: Path, work_dir: Path, short: bool, resolution: int = 64, batch: int = 2) -> TrainCase:
+    """Large JPEGs decoded and resized every step: does the default data loading keep up with the model?"""
+    count = 8 if short else 24
+    data = make_image_folder(work_dir / f"data-jpeg-1024-{count}", count, 1024, fmt="jpeg")
+    steps = 3 if short else 10
+    return TrainCase(
+        name="jpeg-1024-to-64px",
+        description=f"{count} JPEGs of 1024 px resized to {resolution} px every step, {model.name}, batch {batch}, "
+        "default data settings",
+        flags=[*bk_flags(model, data, resolution, batch), *fixed_steps(steps)],
+        batch_size=batch,
+        resolution=resolution,
+    )
+
+
+def cache_cases(model: Path, work_dir: Path, short: bool, resolution: int = 64, batch: int = 2) -> list[TrainCase]:
+    """No cache, cache (first run encodes), then a learning-rate sweep run that must reuse the cache."""
+    count = 4 if short else 8
+    data = make_image_folder(work_dir / f"data-png-{resolution}-{count}", count, resolution)
+    cache_dir = work_dir / f"latent-cache-{time.strftime('%Y%m%d-%H%M%S')}"
+    per_epoch = math.ceil(count / batch)
+    common = [*bk_flags(model, data, resolution, batch), "--num_train_epochs", "2"]
+    cached = ["--cache_latents", "--latent_cache_dir", str(cache_dir)]
+    make = lambda name, description, flags: TrainCase(  # noqa: E731
+        name=name, description=f"{model.name}, {resolution} px, batch {batch}, {description}", flags=flags,
+        batch_size=batch, resolution=resolution, steps_per_epoch=per_epoch, group="cache_latents",
+    )
+    return [
+        make("cache-off", "2 epochs, no cache", common),
+        make("cache-on", "2 epochs, --cache_latents (empty cache: encodes first)", [*common, *cached]),
+        make("cache-sweep-lr2e-4", "same data, --learning_rate 2e-4: reuses the cache",
+             [*common, *cached, "--learning_rate", "2e-4"]),
+    ]
+
+
+def gpu_cases(
+    model: Path, work_dir: Path, short: bool, resolution: int = 512, batch_sizes: tuple[int, ...] = (1, 4, 8)
+) -> list[TrainCase]:
+    """BK-SDM-Tiny at 512 px in bf16, each batch size with and without torch.compile (bench/gpu.sh)."""
+    data = make_image_folder(work_dir / f"data-png-{resolution}", 64, resolution)
+    steps = 6 if short else 20
+    cases = []
+    for compiled in (False, True):
+        for batch in batch_sizes:
+            flags = [*bk_flags(model, data, resolution, batch), "--mixed_precision", "bf16", "--allow_tf32",
+                     "--num_train_epochs", "1000", "--max_train_steps", str(steps)]
+            cases.append(TrainCase(
+                name=f"gpu-{resolution}px-bs{batch}" + ("-compile" if compiled else ""),
+                description=f"BK-SDM-Tiny, {resolution} px, bf16, batch {batch}" + (", --compile" if compiled else ""),
+                flags=[*flags, "--compile"] if compiled else flags,
+                batch_size=batch, resolution=resolution, group="gpu-512",
+                warmup_steps=COMPILE_WARMUP_STEPS if compiled else WARMUP_STEPS,
+                tags={"compile": compiled},
+            ))
+    return cases
+
+
+def make_cases(names: list[str], work_dir: Path, short: bool, model: Path | None = None) -> list[TrainCase]:
+    """The named cases; `model` replaces the BK-SDM-Tiny architecture (tests pass a tiny pipeline)."""
+    reference = lambda: model or reference_pipeline(work_dir)  # noqa: E731  built only when a case needs it
+    builders = {
+        "embedded": lambda: [embedded_case(short)],
+        "bk-sdm-tiny": lambda: [bk_sdm_tiny_case(reference(), work_dir, short)],
+        "jpeg": lambda: [jpeg_case(reference(), work_dir, short)],
+        "cache": lambda: cache_cases(reference(), work_dir, short),
+        "gpu": lambda: gpu_cases(reference(), work_dir, short),
+    }
+    unknown = [name for name in names if name not in builders]
+    if unknown:
+        raise SystemExit(f"Unknown case(s) {unknown}: choose from {sorted(builders)}.")
+    if "gpu" in names and not torch.cuda.is_available():
+        raise SystemExit("The 'gpu' case needs a CUDA GPU; on this machine use embedded, bk-sdm-tiny, jpeg, cache.")
+    return [case for name in names for case in builders[name]()]
+
+
+# ---- checks: the issue's acceptance figures, computed from one bench run ------------------------------------------
+
+
+def cache_checks(records: dict[str, dict]) -> dict | None:
+    """Second epoch with the cache against the run without it: no VAE/text time, the drop, same loss, reuse."""
+    off, on, sweep = (records.get(name) for name in ("cache-off", "cache-on", "cache-sweep-lr2e-4"))
+    if not (off and on and sweep):
+        return None
+    off_share = off["phase_share"]["vae_encoding"] + off["phase_share"]["text_encoding"]
+    on_epoch2 = on["epochs"][-1]
+    drop = 1.0 - on_epoch2["step_s"] / off["step_s"]
+    losses_off, losses_on = off["loss_history"], on["loss_history"]
+    return {
+        "encoder_share_without_cache": off_share,
+        "epoch2_encoder_s_with_cache": on_epoch2["phases_s"]["vae_encoding"] + on_epoch2["phases_s"]["text_encoding"],
+        "epoch2_step_time_drop": drop,
+        "drop_at_least_share_minus_5_points": drop >= off_share - 0.05,
+        "max_abs_loss_difference": max(abs(a - b) for a, b in zip(losses_off, losses_on, strict=True)),
+        "same_loss_same_seed": len(losses_off) == len(losses_on)
+        and all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(losses_off, losses_on, strict=True)),
+        "startup_s_encoding_run": on["startup_s"],
+        "startup_s_reuse_run": sweep["startup_s"],
+        "sweep_encoder_s": sum(sweep["phases_s"][p] for p in ("vae_encoding", "text_encoding")),
+        # The trainer's own report and the files on disk must agree: nothing written, nothing rewritten.
+        "sweep_cache_hit": bool(sweep["latent_cache_hit"]) and sweep["cache"]["hit"],
+        "first_cached_run_encoded": on["latent_cache_hit"] is False and on["cache"]["files_after"] == 1,
+    }
+
+
+def acceptance(records: dict[str, dict]) -> dict:
+    checks: dict = {}
+    if "embedded-default" in records:
+        share = records["embedded-default"]["phase_share"]["data_wait"]
+        checks["embedded_data_wait_share"] = share
+        checks["embedded_data_wait_below_5_percent"] = share < 0.05
+    if "jpeg-1024-to-64px" in records:
+        share = records["jpeg-1024-to-64px"]["phase_share"]["data_wait"]
+        checks["jpeg_data_wait_share"] = share
+        checks["jpeg_data_wait_below_10_percent"] = share < 0.10
+    cache = cache_checks(records)
+    if cache:
+        checks["cache_latents"] = cache
+    return checks
+
+
+def cache_files(folder: Path) -> dict[str, float]:
+    """Cache files and their modification times: an unchanged set after a run means nothing was re-encoded."""
+    return {p.name: p.stat().st_mtime for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+
+
+def latent_cache_dir(flags: list[str]) -> Path | None:
+    return Path(flags[flags.index("--latent_cache_dir") + 1]) if "--cache_latents" in flags else None
+
+
+def run_train_bench(
+    names: list[str], work_dir: Path, short: bool, model: Path | None = None
+) -> tuple[list[dict], dict]:
+    """Every requested case in this process, in order; returns the records and the acceptance checks."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for case in make_cases(names, work_dir, short, model):
+        cache_dir = latent_cache_dir(case.flags)
+        before = cache_files(cache_dir) if cache_dir else {}
+        print(f"[bench] {case.name}: {case.description}", flush=True)
+        record = run_case(case, work_dir)
+        if cache_dir:
+            after = cache_files(cache_dir)
+            record["cache"] = {"files_before": len(before), "files_after": len(after),
+                               "hit": bool(before) and before == after}
+        print(f"[bench] {case.name}: {record['step_s']:.3f} s/step, {record['images_per_s']:.2f} images/s, "
+              f"data wait {record['phase_share']['data_wait']:.1%}", flush=True)
+        records.append(record)
+    return records, acceptance({r["name"]: r for r in records})
