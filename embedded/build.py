@@ -1,0 +1,278 @@
+"""Rebuild the whole embedded world from nothing: `python -m embedded.build` (or `--smoke --out DIR`).
+
+Steps: render the datasets and prompt files; train the CLIP judge and the VAE side by side (one thread
+each); encode latents and text once; pretrain the UNet on the base cache (two threads); save a stock
+diffusers pipeline; measure the quality bars into build_report.json and render README.md from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from PIL import Image
+from transformers import CLIPModel, CLIPProcessor, CLIPTextModel
+
+from embedded import world
+from embedded.dataset import write_imagefolder, write_prompts
+from embedded.measure import judge_accuracy, pipeline_r_precision
+from embedded.models import make_sampler, make_tokenizer, make_train_scheduler, make_unet
+from embedded.readme import write_readme
+from embedded.train_clip import train_clip
+from embedded.train_unet import build_cache, train_unet
+from embedded.train_vae import train_vae
+from lorakit.params import count_parameters
+
+EMBEDDED_DIR = Path(__file__).resolve().parent
+REBUILD_COMMAND = "python -m embedded.build"
+ARTIFACT_DIRS = ("data", "prompts", "clip", "pipeline", "_work")
+
+
+@dataclass(frozen=True)
+class BuildSizes:
+    """How much data and how many steps each part gets."""
+
+    base_rows: int = 1680
+    adapter_rows: int = 480
+    clip_steps: int = 800
+    clip_pool: int = 14400
+    vae_steps: int = 700
+    vae_pool: int = 8000
+    unet_steps: int = 1200
+    unet_batch: int = 128
+    inference_steps: int | None = None  # None: the pipeline's default call settings
+    parallel: bool = True  # CLIP and VAE in two processes; the smoke run trains them in-process
+    judge_images: int = 720
+    images_per_seed: int = 48
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+SMOKE = BuildSizes(
+    base_rows=84,
+    adapter_rows=20,
+    clip_steps=3,
+    clip_pool=144,
+    vae_steps=3,
+    vae_pool=64,
+    unet_steps=3,
+    unet_batch=8,
+    judge_images=72,
+    images_per_seed=2,
+    seeds=(0,),
+    inference_steps=2,
+    parallel=False,
+)
+
+
+def log(message: str, start: float) -> None:
+    """Progress on stderr, so a long build can be followed in its log file."""
+    print(f"[{time.time() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def write_data(out: Path, sizes: BuildSizes, seed: int) -> dict:
+    """The two datasets (base without held-out combinations; adapter) and the three prompt files."""
+    base = world.sample(world.base_concepts(), sizes.base_rows, seed + 1)
+    adapter = world.sample(world.adapter_concepts(), sizes.adapter_rows, seed + 2)
+    write_imagefolder(
+        base,
+        out / "data" / "base",
+        "Shapes world: base concepts",
+        "Coloured shapes (circle, square, triangle, star, cross; red, orange, yellow, green, blue) on "
+        "white or black backgrounds, without the held-out combinations "
+        + ", ".join(f"{c} {s}" for c, s in world.HELDOUT_COMBOS)
+        + ". Pretrains the embedded UNet.",
+    )
+    write_imagefolder(
+        adapter,
+        out / "data" / "adapter",
+        "Shapes world: adapter concept (purple)",
+        "Every shape in the colour purple, which the embedded base never saw: the default LoRA "
+        "run teaches it in one epoch.",
+    )
+    prompts = {
+        "base": [c.caption() for c in world.base_concepts()],
+        "heldout": [c.caption() for c in world.heldout_concepts()],
+        "adapter": [c.caption() for c in world.adapter_concepts()],
+    }
+    for name, lines in prompts.items():
+        write_prompts(out / "prompts" / f"{name}.txt", lines)
+    return {"base_rows": len(base), "adapter_rows": len(adapter)}
+
+
+def train_clip_and_vae(work: Path, sizes: BuildSizes, seed: int) -> dict:
+    """Train the judge and the VAE in two single-thread processes at once (in-process for a smoke run)."""
+    if not sizes.parallel:
+        return {"clip": str(train_clip(work / "clip", sizes.clip_steps, sizes.clip_pool, seed=seed)),
+                "vae": str(train_vae(work / "vae", sizes.vae_steps, sizes.vae_pool, seed=seed))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(EMBEDDED_DIR.parent)}
+    jobs = {
+        "clip": ["embedded.train_clip", "--steps", sizes.clip_steps, "--pool_size", sizes.clip_pool],
+        "vae": ["embedded.train_vae", "--steps", sizes.vae_steps, "--pool_size", sizes.vae_pool],
+    }
+    procs = {}
+    for name, (module, *args) in jobs.items():
+        cmd = [sys.executable, "-m", module, "--out", str(work / name), "--seed", str(seed), *map(str, args)]
+        procs[name] = subprocess.Popen(cmd, env=env, cwd=EMBEDDED_DIR.parent, stdout=subprocess.PIPE, text=True)
+    logs = {}
+    for name, proc in procs.items():
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"training the {name} failed (exit {proc.returncode}); see its output above")
+        logs[name] = stdout.strip().splitlines()[-1]
+    return logs
+
+
+def load_base_rows(folder: Path) -> tuple[torch.Tensor, list[str]]:
+    """Images ([-1, 1], plus mirror images) and captions of the base imagefolder, as the UNet sees them."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    images = torch.from_numpy(world.to_array([Image.open(folder / r["file_name"]).convert("RGB") for r in rows]))
+    captions = [r["text"] for r in rows]
+    # shapes are mirror-symmetric, so a flipped image is one more honest sample of the same caption
+    return torch.cat([images, images.flip(-1)]), captions + captions
+
+
+def clip_text_tower(clip: CLIPModel) -> CLIPTextModel:
+    """The judge's text tower as a standalone, frozen CLIPTextModel: the pipeline's text encoder."""
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    text_encoder.load_state_dict(clip.text_model.state_dict())
+    return text_encoder.eval().requires_grad_(False)
+
+
+def clean(out: Path) -> None:
+    """Remove the artifacts a previous build wrote (never the code), so a rebuild starts from nothing."""
+    for name in ARTIFACT_DIRS:
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+
+
+def assemble_pipeline(work: Path, out: Path, sizes: BuildSizes, seed: int) -> dict:
+    """Encode the cache, pretrain the UNet, and save the stock diffusers pipeline to out/pipeline."""
+    tokenizer = make_tokenizer()
+    vae = AutoencoderKL.from_pretrained(work / "vae").eval()
+    text_encoder = clip_text_tower(CLIPModel.from_pretrained(work / "clip"))
+    images, captions = load_base_rows(out / "data" / "base")
+    cache = build_cache(images, captions, vae, tokenizer, text_encoder)
+    vae.register_to_config(scaling_factor=cache.scaling_factor)
+    unet, log = train_unet(make_unet(seed), make_train_scheduler(), cache, sizes.unet_steps, sizes.unet_batch,
+                           seed=seed)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.half(),
+        scheduler=make_sampler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # UNet weights are stored in fp16 to fit the 20 MB budget; diffusers loads them as fp32 by default
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    make_train_scheduler().save_pretrained(out / "pipeline" / "train_scheduler")
+    return {**log, "scaling_factor": cache.scaling_factor, "cached_latents": len(cache.mean)}
+
+
+def save_clip(work: Path, out: Path) -> None:
+    """Copy the trained judge (model, processor, tokenizer) to out/clip."""
+    model = CLIPModel.from_pretrained(work / "clip")
+    processor = CLIPProcessor.from_pretrained(work / "clip")
+    model.save_pretrained(out / "clip")
+    processor.save_pretrained(out / "clip")
+
+
+def measure(out: Path, sizes: BuildSizes, seed: int) -> dict:
+    """Every quality bar, on the saved artifacts reloaded the way users load them."""
+    model = CLIPModel.from_pretrained(out / "clip").eval()
+    processor = CLIPProcessor.from_pretrained(out / "clip")
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    fresh = seed + 10_000  # a seed no training set used
+    prompts = {
+        name: (out / "prompts" / f"{name}.txt").read_text().splitlines() for name in ("base", "heldout", "adapter")
+    }
+    judge = {
+        "all_concepts": judge_accuracy(model, processor, world.all_concepts(), sizes.judge_images, fresh),
+        "hard_negatives_blobs": judge_accuracy(
+            model, processor, world.distractor_concepts(), sizes.judge_images // 6, fresh + 1
+        ),
+        "adapter_concept": judge_accuracy(
+            model, processor, world.adapter_concepts(), sizes.judge_images // 6, fresh + 2
+        ),
+    }
+    rprec = {
+        name: pipeline_r_precision(pipe, model, processor, lines, sizes.seeds, sizes.images_per_seed,
+                                        sizes.inference_steps)
+        for name, lines in prompts.items()
+    }
+    params = {
+        "clip": count_parameters(model),
+        "vae": count_parameters(pipe.vae),
+        "unet": count_parameters(pipe.unet),
+        "text_encoder": count_parameters(pipe.text_encoder),
+    }
+    return {
+        "judge_top1": judge,
+        "base_pipeline_r_precision": rprec,
+        "candidates": len(world.all_concepts()),
+        "params": params,
+    }
+
+
+def du_bytes(folder: Path) -> int:
+    """Disk usage of a folder in bytes, counted in 4 KiB blocks as `du` does."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+
+
+def build(out: Path, sizes: BuildSizes, seed: int = 0, smoke: bool = False) -> dict:
+    """Run every step into `out`; return the report it also writes to out/build_report.json."""
+    start = time.time()
+    report: dict = {"command": REBUILD_COMMAND + (" --smoke" if smoke else ""), "seed": seed, "sizes": asdict(sizes)}
+    clean(out)
+    report["data"] = write_data(out, sizes, seed)
+    log("data written; training CLIP and VAE", start)
+    work = out / "_work"
+    report["clip_vae_logs"] = train_clip_and_vae(work, sizes, seed)
+    log(f"CLIP and VAE trained: {report['clip_vae_logs']}; training the UNet", start)
+    torch.set_num_threads(2)
+    report["unet"] = assemble_pipeline(work, out, sizes, seed)
+    save_clip(work, out)
+    report["train_seconds"] = time.time() - start
+    log(f"pipeline saved: {report['unet']}; measuring", start)
+    report["quality"] = measure(out, sizes, seed)
+    log("measured", start)
+    report["params"] = report["quality"].pop("params")
+    report["build_seconds"] = time.time() - start
+    # CPU seconds of this process and its children: a figure that does not depend on how busy the machine was
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    report["build_cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in usage)
+    shutil.rmtree(work)
+    report["artifact_bytes_du"] = du_bytes(out)
+    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_readme(out / "README.md", report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=EMBEDDED_DIR, help="where to write (default: embedded/)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on tiny data, for tests")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(args.seed)
+    report = build(args.out, SMOKE if args.smoke else BuildSizes(), args.seed, args.smoke)
+    print(json.dumps(report["quality"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Train the tiny CLIP judge contrastively on every world concept, with all captions as negatives.
+
+Each step embeds every caption variant of every concept (216 texts), so each image meets its hard
+negatives (same shape in another colour, same colour as another shape, a blob) in every batch; captions
+of the same concept, duplicates included, are positives rather than negatives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embedded import world
+from embedded.models import CLIP_MEAN, CLIP_STD, make_clip, make_processor, make_tokenizer
+
+TEXT_LENGTH = 16  # world captions are < 12 tokens; the text tower is causal, so padding length changes nothing
+
+
+def caption_table(concepts: list[world.Concept]) -> tuple[list[str], torch.Tensor]:
+    """Every template caption of every concept, and the concept index of each caption."""
+    texts, owners = [], []
+    for index, concept in enumerate(concepts):
+        for template in world.TEMPLATES:
+            texts.append(concept.caption(template))
+            owners.append(index)
+    return texts, torch.tensor(owners)
+
+
+def normalise(images: np.ndarray) -> torch.Tensor:
+    """[-1, 1] NCHW images to CLIP-normalised pixels, as the saved CLIPImageProcessor does."""
+    pixels = torch.from_numpy(images) * 0.5 + 0.5
+    return (pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+
+
+def contrastive_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    image_owner: torch.Tensor,
+    text_owner: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric multi-positive InfoNCE: a pair is positive when image and text share a concept."""
+    logits = logit_scale.exp().clamp(max=100) * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
+    positive = (image_owner[:, None] == text_owner[None, :]).float()
+    image_to_text = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    seen = positive.sum(0) > 0  # texts with at least one image in the batch
+    text_to_image = -(positive / positive.sum(0, keepdim=True).clamp(min=1) * logits.log_softmax(0)).sum(0)
+    return (image_to_text + text_to_image[seen].mean()) / 2
+
+
+def train_clip(
+    out_dir: Path, steps: int, pool_size: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0
+) -> dict:
+    """Train and save the CLIP model and processor to `out_dir`; return a small log."""
+    start = time.time()
+    tokenizer = make_tokenizer()
+    model, processor = make_clip(tokenizer, seed), make_processor(tokenizer)
+    concepts = world.all_concepts()
+    rows = world.sample(concepts, pool_size, seed=seed + 101)
+    pixels = normalise(world.to_array([image for image, _, _ in rows]))
+    owners = torch.tensor([concepts.index(concept) for _, _, concept in rows])
+    texts, text_owner = caption_table(concepts)
+    tokens = tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt")["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        batch = torch.randint(len(rows), (batch_size,), generator=generator)
+        image_emb = model.get_image_features(pixel_values=pixels[batch]).pooler_output
+        text_emb = model.get_text_features(input_ids=tokens).pooler_output
+        loss = contrastive_loss(image_emb, text_emb, owners[batch], text_owner, model.logit_scale)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return {
+        "steps": steps,
+        "pool_size": pool_size,
+        "final_loss": float(np.mean(losses[-20:])),
+        "seconds": time.time() - start,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI: train the judge into --out with one thread (it runs beside the VAE)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--pool_size", type=int, default=14400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = train_clip(args.out, args.steps, args.pool_size, seed=args.seed)
+    print(log)
+
+
+if __name__ == "__main__":
+    main()
