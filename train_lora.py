@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lorakit import checkpoint as ckpt
 from lorakit import latent_cache, outputs
-from lorakit.card import write_model_card
+from lorakit.card import resolve_license, write_model_card
 from lorakit.config import ConfigError, TrainConfig, parse_args
 from lorakit.data import CaptionedImageDataset, DataError, check_resolution, collate_examples, prepare_dataset
 from lorakit.hub import PushError, push_adapter, push_checkpoint
@@ -484,7 +484,7 @@ def finish(cfg, accelerator: Accelerator, run: Run, state: TrainState, num_sampl
                 "num_processes": accelerator.num_processes,
                 "validation": validation,
                 "instance_prompt": None,
-                "license": outputs.base_license(cfg.model.pretrained_model_name_or_path),
+                "license": resolve_license(cfg.model.pretrained_model_name_or_path, None)[0],
             },
         )
         write_model_card(out)

@@ -12,7 +12,6 @@ repository root, rendered with `ModelCard.from_template`. Nothing here talks to 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -22,8 +21,9 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from lorakit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lorakit.atomic import atomic_write_json, atomic_write_text
 from lorakit.hub import redact_secrets
+from lorakit.outputs import plot_loss_curve
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -166,25 +166,6 @@ def validate_eval_results(results: dict) -> dict:
     return json.loads(json.dumps(results))
 
 
-def _draw_loss_curve(history: list[dict], path: Path) -> None:
-    # The trainer normally writes loss_curve.png; draw one when only the history survived (e.g. --push_only).
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], linewidth=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def render_model_card(
     output_dir: str | os.PathLike, eval_results: dict | None = None, repo_id: str | None = None
 ) -> ModelCard:
@@ -209,7 +190,7 @@ def render_model_card(
         adapter_path.stat().st_size if adapter_path.is_file() else int(summary.get("adapter_file_bytes", 0))
     )
     if not (output_dir / "loss_curve.png").is_file() and history:
-        _draw_loss_curve(history, output_dir / "loss_curve.png")
+        plot_loss_curve(output_dir, history)
 
     evals = _eval_results(eval_results, model_name)
     card_data = ModelCardData(

@@ -24,14 +24,6 @@ LOSS_CURVE_FILE = "loss_curve.png"
 SUMMARY_FILE = "train_summary.json"
 VALIDATION_DIR = "validation"
 VALIDATION_GRID_FILE = "validation_grid.png"
-# Licences of well-known bases, for the card's metadata when the base is given by Hub id.
-KNOWN_LICENSES = {
-    "nota-ai/bk-sdm-tiny": "creativeml-openrail-m",
-    "nota-ai/bk-sdm-small": "creativeml-openrail-m",
-    "nota-ai/bk-sdm-base": "creativeml-openrail-m",
-    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
-}
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -102,18 +94,6 @@ def plot_loss_curve(output_dir: str | Path, history: list[dict[str, float]]) -> 
     path = Path(output_dir) / LOSS_CURVE_FILE
     atomic_write_bytes(path, buffer.getvalue())
     return path
-
-
-def base_license(pretrained: str) -> str | None:
-    """The base model's licence when known (local folders may carry it in their model_index or README)."""
-    if pretrained in KNOWN_LICENSES:
-        return KNOWN_LICENSES[pretrained]
-    readme = Path(pretrained) / "README.md"
-    if readme.is_file():
-        for line in readme.read_text(errors="ignore").splitlines()[:30]:
-            if line.startswith("license:"):
-                return line.split(":", 1)[1].strip()
-    return None
 
 
 def write_summary(output_dir: str | Path, summary: dict[str, Any]) -> Path:
