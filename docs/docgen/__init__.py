@@ -1,0 +1,1 @@
+"""Helpers of the docs generator (`python docs/build.py`): marker blocks, figures, result files, links."""

@@ -1,0 +1,412 @@
+"""Renderers of the generated blocks: each turns result files into Markdown, with no number typed by hand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from docgen import sources as src
+
+BYTES_PER_PARAM = (("fp32", 4), ("fp16 / bf16", 2), ("8-bit", 1))
+COMPONENTS = (
+    ("text_encoder", "text encoder"),
+    ("unet", "UNet (denoiser)"),
+    ("vae_encoder", "VAE encoder"),
+    ("vae_decoder", "VAE decoder"),
+    ("pipeline", "whole pipeline"),
+)
+SET_LABELS = {"adapter": "adapter concept (purple)", "base": "base concepts", "heldout": "held-out combinations"}
+
+
+def _n(value: int) -> str:
+    return f"{value:,}"
+
+
+def _mb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e6:,.1f} MB" if num_bytes >= 1e6 else f"{num_bytes / 1e3:,.1f} kB"
+
+
+def _pending(what: str, command: str) -> str:
+    return f"_{what} not measured yet: run `{command}`, then `python docs/build.py`._"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "|---" + "|---:" * (len(header) - 1) + "|"
+    return "\n".join(["| " + " | ".join(header) + " |", align, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+# --- evaluation -------------------------------------------------------------------------------------------
+
+
+def eval_table() -> str:
+    """Base against base + demo adapter, per prompt set (README, how-it-works)."""
+    results = src.read_json(src.EVAL_JSON)
+    if results is None:
+        return _pending("The evaluation", src.EVAL_COMMAND)
+    rows = []
+    for row in results["prompt_sets"]:
+        base, lora = row["base"], row["adapter"]
+        rows.append(
+            [
+                SET_LABELS.get(row["name"], row["name"]),
+                str(row["num_images"]),
+                f"{base['r_precision_top1']:.2f}",
+                f"{lora['r_precision_top1']:.2f}",
+                f"{base['clip_score']:.1f}",
+                f"{lora['clip_score']:.1f}",
+            ]
+        )
+    settings = results["settings"]
+    table = _table(
+        ["prompts", "images", "R-precision base", "R-precision + LoRA", "CLIP score base", "CLIP score + LoRA"], rows
+    )
+    return (
+        f"{table}\n\n"
+        f"Judge: the embedded CLIP ranking each image's prompt among {results['num_candidates']} world captions; "
+        f"{settings['num_inference_steps']} sampler steps ({settings['scheduler']}), guidance "
+        f"{settings['guidance_scale']}, seeds {', '.join(map(str, settings['seeds']))}, "
+        f"{settings['height']}x{settings['width']} px. Source: `docs/results/eval/eval_results.json`, written by "
+        f"`{src.EVAL_COMMAND}`."
+    )
+
+
+def eval_headline() -> str:
+    """One sentence: the adapter concept's R-precision before and after."""
+    results = src.read_json(src.EVAL_JSON)
+    if results is None:
+        return _pending("The evaluation", src.EVAL_COMMAND)
+    sets = {row["name"]: row for row in results["prompt_sets"]}
+    parts = []
+    if "adapter" in sets:
+        row = sets["adapter"]
+        parts.append(
+            f"On prompts with the new colour, the judge picks the right caption for "
+            f"{row['base']['r_precision_top1']:.0%} of the base model's images and "
+            f"{row['adapter']['r_precision_top1']:.0%} of the adapter's"
+        )
+    if "base" in sets:
+        row = sets["base"]
+        parts.append(
+            f"on the colours the base already knew it goes from {row['base']['r_precision_top1']:.0%} to "
+            f"{row['adapter']['r_precision_top1']:.0%}"
+        )
+    return "; ".join(parts) + "."
+
+
+# --- sizes ------------------------------------------------------------------------------------------------
+
+
+def _sizes() -> tuple[dict | None, dict | None]:
+    return src.read_json(src.SIZES_EMBEDDED), src.read_json(src.SIZES_BK_SDM)
+
+
+def model_sizes() -> str:
+    """Parameters per component for the embedded model and BK-SDM-Tiny, and the LoRA share (README)."""
+    embedded, bk = _sizes()
+    if embedded is None or bk is None:
+        return _pending("Parameter counts", "python docs/build.py")
+    rows = [[label, _n(embedded["parameters"][key]), _n(bk["parameters"][key])] for key, label in COMPONENTS]
+    for rank in sorted({*embedded["lora_by_rank"], *bk["lora_by_rank"]}, key=int):
+        cells = []
+        for sizes in (embedded, bk):
+            count = sizes["lora_by_rank"].get(rank)
+            share = sizes["lora_share_of_unet_by_rank"].get(rank)
+            cells.append("-" if count is None else f"{_n(count)} ({100 * share:.2f} % of the UNet)")
+        rows.append([f"LoRA rank {rank} on {', '.join(bk['lora_target_modules'])}", *cells])
+    summary = src.read_json(src.TRAIN_SUMMARY)
+    note = ""
+    if summary:
+        note = (
+            f"\n\nThe committed demo adapter holds {_n(summary['lora_trainable_parameters'])} trainable parameters "
+            f"in a {_mb(summary['adapter_file_bytes'])} file (`embedded/demo_adapter/train_summary.json`)."
+        )
+    return (
+        _table(["component", "embedded shapes model", "BK-SDM-Tiny"], rows)
+        + "\n\nCounted from the model configs on PyTorch's meta device (no weights loaded) by `eval.sizes`; "
+        "source: `docs/results/param_counts_embedded.json`, `docs/results/param_counts_bk_sdm_tiny.json`." + note
+    )
+
+
+def deploy_sizes() -> str:
+    """Weights on disk/in memory at fp32, fp16 and 8-bit, from parameter counts (deployment)."""
+    embedded, bk = _sizes()
+    if embedded is None or bk is None:
+        return _pending("Parameter counts", "python docs/build.py")
+    rows = []
+    for name, sizes in (("BK-SDM-Tiny", bk), ("embedded shapes model", embedded)):
+        for key, label in COMPONENTS:
+            count = sizes["parameters"][key]
+            rows.append([f"{name}: {label}", _n(count), *(_mb(count * b) for _, b in BYTES_PER_PARAM)])
+        lora = sizes["lora_by_rank"].get("4")
+        if lora is not None:
+            rows.append([f"{name}: LoRA rank 4", _n(lora), *(_mb(lora * b) for _, b in BYTES_PER_PARAM)])
+    return (
+        _table(["part", "parameters", *(label for label, _ in BYTES_PER_PARAM)], rows)
+        + "\n\nBytes = parameters x 4 (fp32), x 2 (fp16/bf16) or x 1 (8-bit weights), before file-format overhead. "
+        "Parameter counts: `docs/results/param_counts_*.json`."
+    )
+
+
+# --- datasets and training --------------------------------------------------------------------------------
+
+
+def datasets_block() -> str:
+    """The two datasets with their sizes (README)."""
+    facts = src.read_json(src.FACTS_JSON)
+    base_rows = src.dataset_rows(src.REPO / "embedded" / "data" / "base")
+    adapter_rows = src.dataset_rows(src.REPO / "embedded" / "data" / "adapter")
+    naruto = facts["naruto"]
+    return (
+        _table(
+            ["dataset", "rows", "what", "licence"],
+            [
+                [
+                    "[`embedded/data/base`](embedded/data/base/README.md)",
+                    _n(base_rows),
+                    '32 px shapes in five colours, captions like "a red star on a white background" (pretrains the '
+                    "embedded base)",
+                    "Apache-2.0 (generated by this repo)",
+                ],
+                [
+                    "[`embedded/data/adapter`](embedded/data/adapter/README.md)",
+                    _n(adapter_rows),
+                    "the same shapes in purple, a colour the base never saw (the default LoRA run)",
+                    "Apache-2.0 (generated by this repo)",
+                ],
+                [
+                    f"[`{naruto['hub_id']}`](https://huggingface.co/datasets/{naruto['hub_id']})",
+                    _n(naruto["rows"]),
+                    naruto["what"],
+                    naruto["license_note"],
+                ],
+            ],
+            align="|---|---:|---|---|",
+        )
+        + f"\n\nNaruto figures: {naruto['source']} (`docs/results/facts.json`)."
+    )
+
+
+def train_run() -> str:
+    """What the embedded default run did (README, how-it-works)."""
+    summary = src.read_json(src.TRAIN_SUMMARY)
+    if summary is None:
+        return _pending("The demo run", "accelerate launch --config_file accelerate_config.yaml train_lora.py")
+    return (
+        f"The committed demo adapter (`embedded/demo_adapter/`) saw {_n(summary['num_samples'])} images in "
+        f"{summary['global_step']} optimizer steps ({summary['num_train_epochs']} epoch) and trained in "
+        f"{summary['train_seconds']:.0f} s on a shared CPU; final loss {summary['final_loss']:.3f}, "
+        f"{_n(summary['lora_trainable_parameters'])} trainable LoRA parameters, adapter file "
+        f"{_mb(summary['adapter_file_bytes'])}. Source: `embedded/demo_adapter/train_summary.json`."
+    )
+
+
+# --- cost and speed (bench) -------------------------------------------------------------------------------
+
+
+def _gpu_price(facts: dict, gpu_name: str | None) -> dict:
+    """The assumed hourly price of the measured GPU, else the first listed."""
+    prices = facts["gpu_prices"]
+    if gpu_name:
+        for price in prices:
+            if price["match"].lower() in gpu_name.lower():
+                return price
+    return prices[0]
+
+
+def epoch_cost() -> str:
+    """What one epoch costs: embedded default on CPU, BK-SDM-Tiny + naruto on a rented GPU (how-it-works)."""
+    facts = src.read_json(src.FACTS_JSON)
+    lines = []
+    summary = src.read_json(src.TRAIN_SUMMARY)
+    cpu_price = facts["cpu_price"]
+    if summary:
+        seconds = summary["train_seconds"]
+        cost = seconds / 3600 * cpu_price["usd_per_hour"]
+        lines.append(
+            f"- **Embedded default** (shapes, {_n(summary['num_samples'])} images): {seconds:.0f} s for one epoch "
+            f"on 2 shared CPU cores. At {cpu_price['usd_per_hour']:.2f} USD per hour for such a machine "
+            f"({cpu_price['what']}) that is about {cost:.4f} USD: effectively free."
+        )
+    gpu = src.bench_result("train", "gpu")
+    naruto = facts["naruto"]
+    case = _best_gpu_case(gpu)
+    if case is None:
+        lines.append(
+            f"- **BK-SDM-Tiny + naruto on a rented GPU**: {_pending('GPU training speed', src.BENCH_GPU_COMMAND)}"
+        )
+    else:
+        price = _gpu_price(facts, gpu["machine"].get("gpu_name") or gpu["machine"].get("gpu"))
+        seconds = naruto["rows"] / case["images_per_s"]
+        lines.append(
+            f"- **BK-SDM-Tiny + naruto on a rented GPU**: the bench measured {case['images_per_s']:.1f} images/s at "
+            f"{case['resolution']} px, batch {case['batch_size']} on {_gpu_label(gpu)}; one epoch over "
+            f"{_n(naruto['rows'])} images is then about {seconds / 60:.1f} minutes of training, "
+            f"{seconds / 3600 * price['usd_per_hour']:.2f} USD at {price['usd_per_hour']:.2f} USD/hour "
+            f"({price['what']}). Add a few minutes for start-up and the model download."
+        )
+    return "\n".join(lines) + (
+        "\n\nPrices are assumptions, not quotes (`docs/results/facts.json`); times come from "
+        "`embedded/demo_adapter/train_summary.json` and `bench/results/train-gpu.json`."
+    )
+
+
+def _gpu_label(document: dict) -> str:
+    machine = document.get("machine", {})
+    return str(machine.get("gpu_name") or machine.get("gpu") or "the benchmark GPU")
+
+
+def _best_gpu_case(document: dict | None) -> dict | None:
+    """The fastest 512 px GPU training case (images/s), if the GPU bench ran."""
+    if not document:
+        return None
+    cases = [c for c in document.get("cases", []) if c.get("images_per_s") and c.get("resolution") == 512]
+    return max(cases, key=lambda c: c["images_per_s"]) if cases else None
+
+
+def _generate_rows(document: dict, device_label: str) -> list[list[str]]:
+    rows = []
+    for name, variant in document.get("variants", {}).items():
+        rows.append(
+            [
+                f"{device_label}: {name.replace('_', ' ')}",
+                f"{document['image_px']} px",
+                str(variant["steps"]),
+                f"{variant['seconds_per_image']:.3f}",
+            ]
+        )
+    return rows
+
+
+def latency() -> str:
+    """Seconds per image and memory measured by the bench (deployment)."""
+    rows, notes = [], []
+    for device in ("cpu", "gpu"):
+        document = src.bench_result("generate", device)
+        if document is None:
+            command = src.BENCH_GPU_COMMAND if device == "gpu" else "python -m bench generate"
+            notes.append(_pending(f"Generation on {device.upper()}", command))
+            continue
+        label = _gpu_label(document) if device == "gpu" else f"CPU ({document['machine'].get('cpu', 'cpu')})"
+        rows += _generate_rows(document, f"{label}, `{document['base_model']}`")
+        notes.append(
+            f"{device.upper()}: pipeline load {document['pipeline_load_s']:.2f} s, adapter load "
+            f"{document['adapter_load_s']:.2f} s (`bench/results/generate-{device}.json`)."
+        )
+    table = _table(["setting", "size", "steps", "seconds per image"], rows) if rows else ""
+    memory = _train_memory_lines()
+    return "\n\n".join(part for part in (table, " ".join(notes), memory) if part)
+
+
+def _train_memory_lines() -> str:
+    lines = []
+    for device in ("cpu", "gpu"):
+        document = src.bench_result("train", device)
+        for case in (document or {}).get("cases", []):
+            peak = case.get("peak_cuda_mib") if device == "gpu" else case.get("peak_rss_mib")
+            if peak:
+                what = "peak GPU memory" if device == "gpu" else "peak process memory"
+                lines.append(
+                    f"- training `{case['name']}` ({case['resolution']} px, batch {case['batch_size']}): "
+                    f"{what} {peak:,.0f} MiB"
+                )
+    return ("Memory measured by the bench:\n\n" + "\n".join(lines)) if lines else ""
+
+
+def hosting_cost() -> str:
+    """Cost per 1,000 images from measured seconds per image and assumed hourly prices (deployment)."""
+    facts = src.read_json(src.FACTS_JSON)
+    rows = []
+    for device in ("gpu", "cpu"):
+        document = src.bench_result("generate", device)
+        if document is None:
+            continue
+        variant = document["variants"].get("lora_fused") or next(iter(document["variants"].values()))
+        seconds = variant["seconds_per_image"]
+        if device == "gpu":
+            price = _gpu_price(facts, _gpu_label(document))
+        else:
+            price = facts["cpu_price"]
+        per_1000 = seconds * 1000 / 3600 * price["usd_per_hour"]
+        rows.append(
+            [
+                _gpu_label(document) if device == "gpu" else "CPU",
+                f"`{document['base_model']}` {document['image_px']} px, {variant['steps']} steps",
+                f"{seconds:.3f}",
+                f"{3600 / seconds:,.0f}",
+                f"{price['usd_per_hour']:.2f} ({price['what']})",
+                f"{per_1000:.3f}",
+            ]
+        )
+    if not rows:
+        return _pending("Generation speed", "python -m bench generate")
+    text = _table(
+        ["machine", "model and setting", "s/image", "images/hour", "USD/hour (assumed)", "USD per 1,000"], rows
+    )
+    if src.bench_result("generate", "gpu") is None:
+        text += "\n\n" + _pending("BK-SDM-Tiny at 512 px on a GPU", src.BENCH_GPU_COMMAND)
+    return text + (
+        "\n\nAssumes one image per request, a worker kept 100 % busy (no idle time billed), fused LoRA, and the "
+        "prices in `docs/results/facts.json`; idle replicas, storage and egress come on top."
+    )
+
+
+# --- continual tuning --------------------------------------------------------------------------------------
+
+
+def continual_table() -> str:
+    """Per-concept R-precision and CLIP score across the experiment's stages (continual-tuning)."""
+    results = src.read_json(src.CONTINUAL_JSON)
+    if results is None:
+        return _pending("The continual-tuning experiment", src.CONTINUAL_COMMAND)
+    concepts = results["concepts"]
+    header = ["model", *(f"{c['label']} R-precision" for c in concepts), *(f"{c['label']} CLIP" for c in concepts)]
+    rows = []
+    for stage in results["stages"]:
+        scores = stage["scores"]
+        rows.append(
+            [
+                stage["label"],
+                *(f"{scores[c['name']]['r_precision_top1']:.2f}" for c in concepts),
+                *(f"{scores[c['name']]['clip_score']:.1f}" for c in concepts),
+            ]
+        )
+    return _table(header, rows)
+
+
+def continual_setup() -> str:
+    """The experiment's settings, stated from its result file (continual-tuning)."""
+    results = src.read_json(src.CONTINUAL_JSON)
+    if results is None:
+        return _pending("The continual-tuning experiment", src.CONTINUAL_COMMAND)
+    ev = results["evaluation"]
+    lines = []
+    for concept in results["concepts"]:
+        data = f", {_n(concept['train_rows'])} training images" if concept["train_rows"] else ""
+        prompts = ev["prompts_per_concept"][concept["name"]]
+        lines.append(f"- {concept['label']}: {concept['description']} ({prompts} evaluation prompts{data})")
+    for stage in results["stages"]:
+        if stage.get("command"):
+            lines.append(
+                f"- {stage['label']}: `{stage['command']}` ({stage['global_step']} steps over "
+                f"{_n(stage['num_samples'])} samples, {stage['train_seconds']:.0f} s)"
+            )
+    lines.append(
+        f"- Judging: seeds {', '.join(map(str, ev['seeds']))} per prompt, {ev['steps']} sampler steps, guidance "
+        f"{ev['guidance']}; R-precision ranks each image's prompt among {ev['num_candidates']} world captions "
+        "with the embedded CLIP. Source: `docs/results/continual.json`."
+    )
+    return "\n".join(lines)
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "eval-table": eval_table,
+    "eval-headline": eval_headline,
+    "model-sizes": model_sizes,
+    "deploy-sizes": deploy_sizes,
+    "datasets": datasets_block,
+    "train-run": train_run,
+    "epoch-cost": epoch_cost,
+    "latency": latency,
+    "hosting-cost": hosting_cost,
+    "continual-table": continual_table,
+    "continual-setup": continual_setup,
+}
