@@ -1,0 +1,144 @@
+"""The bench in its short mode (so it cannot rot) and the sanity of what it reports."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bench.__main__ import main as bench_main
+from bench.report import fmt, render
+from bench.results_io import RESULTS_DIR, read_results
+from bench.timer import StepStampTimer
+from bench.train import run_train_bench
+from lorakit.paths import REPO_ROOT
+from lorakit.timing import PHASES
+
+
+@pytest.fixture(scope="module")
+def short_train(tiny_pipeline_dir, tmp_path_factory):
+    """The CPU cases in short mode, with the tiny pipeline standing in for BK-SDM-Tiny (seconds, not minutes)."""
+    work = tmp_path_factory.mktemp("bench")
+    out = work / "train.json"
+    assert bench_main([
+        "train", "--short", "--cases", "bk-sdm-tiny", "jpeg", "cache", "--model", str(tiny_pipeline_dir),
+        "--work_dir", str(work), "--out", str(out),
+    ]) == 0
+    return json.loads(out.read_text())
+
+
+def by_name(document: dict) -> dict[str, dict]:
+    return {case["name"]: case for case in document["cases"]}
+
+
+def test_every_case_reports_consistent_figures(short_train):
+    assert {"bk-sdm-tiny-64px", "jpeg-1024-to-64px", "cache-off", "cache-on", "cache-sweep-lr2e-4"} <= set(
+        by_name(short_train)
+    )
+    for case in short_train["cases"]:
+        assert case["timed_steps"] == case["steps"] - case["warmup_steps"] >= 1
+        assert set(case["phases_s"]) == set(PHASES)
+        assert all(seconds >= 0 for seconds in case["phases_s"].values())
+        # The phases are timed inside the step, so together they can never exceed it.
+        assert sum(case["phases_s"].values()) <= case["step_s"] * (1 + 1e-9)
+        assert case["other_s"] >= -1e-9
+        assert case["images_per_s"] == pytest.approx(case["batch_size"] / case["step_s"])
+        assert 0 < case["startup_s"] < case["time_to_first_step_s"] < case["total_s"]
+        assert case["peak_rss_mib"] > 100  # torch alone is more than that: the sampler really ran
+        assert len(case["loss_history"]) == case["steps"] and all(math.isfinite(x) for x in case["loss_history"])
+    assert short_train["machine"]["cores"] >= 1 and short_train["machine"]["torch"]
+    assert short_train["mode"] == "short"
+
+
+def test_uncached_steps_spend_time_in_vae_and_text_encoder(short_train):
+    off = by_name(short_train)["cache-off"]
+    for epoch in off["epochs"]:
+        assert epoch["phases_s"]["vae_encoding"] > 0 and epoch["phases_s"]["text_encoding"] > 0
+
+
+def test_cache_latents_second_epoch_skips_the_encoders_with_the_same_losses(short_train):
+    cases, cache = by_name(short_train), short_train["checks"]["cache_latents"]
+    second = cases["cache-on"]["epochs"][-1]
+    assert second["epoch"] == 2
+    off = cases["cache-off"]["phases_s"]
+    # With the cache the phases only look up tensors (text) or draw from cached moments (VAE): no encoder runs.
+    assert second["phases_s"]["text_encoding"] < 0.1 * off["text_encoding"]
+    assert second["phases_s"]["vae_encoding"] < 0.5 * off["vae_encoding"]
+    assert cache["same_loss_same_seed"], cache["max_abs_loss_difference"]
+    assert cases["cache-on"]["loss_history"] != cases["cache-sweep-lr2e-4"]["loss_history"]  # the lr did change
+
+
+def test_second_run_of_a_sweep_reuses_the_cache(short_train):
+    cases, cache = by_name(short_train), short_train["checks"]["cache_latents"]
+    assert cache["first_cached_run_encoded"] and cases["cache-on"]["cache"]["files_after"] == 1
+    assert cache["sweep_cache_hit"]
+    assert cases["cache-sweep-lr2e-4"]["cache"] == {"files_before": 1, "files_after": 1, "hit": True}
+
+
+def test_embedded_default_data_wait_is_below_5_percent(tmp_path):
+    records, checks = run_train_bench(["embedded"], tmp_path, short=True)
+    assert records[0]["batch_size"] == 8 and records[0]["resolution"] == 32  # configs/shapes.yaml, unchanged
+    assert checks["embedded_data_wait_below_5_percent"], checks["embedded_data_wait_share"]
+
+
+def test_report_renders_every_case_and_the_machine(short_train):
+    document = {**short_train, "mode": "full"}
+    page = render([document])
+    machine = short_train["machine"]
+    assert machine["cpu"] in page and f"torch {machine['torch']}" in page and f"{machine['cores']} cores" in page
+    for case in short_train["cases"]:
+        assert f"`{case['name']}`" in page
+    step = fmt(by_name(short_train)["bk-sdm-tiny-64px"]["step_s"])
+    assert f"| {step} |" in page
+    assert "No GPU figures yet" in page
+    assert render([short_train]).count("## Training") == 0  # short runs never reach the docs
+
+
+def test_docs_are_rendered_from_the_committed_results():
+    documents = read_results(RESULTS_DIR)
+    assert any(d["kind"] == "train" and d["mode"] == "full" for d in documents)
+    assert (REPO_ROOT / "docs" / "benchmarks.md").read_text() == render(documents), "run `python -m bench report`"
+
+
+def test_generate_short_uses_the_space_code_and_measures_cold_start(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "generate.json"
+    assert bench_main(["generate", "--short", "--base", str(tiny_pipeline_dir), "--device", "cpu",
+                       "--work_dir", str(tmp_path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    variants = result["variants"]
+    assert set(variants) == {"base", "lora_unfused", "lora_fused", "pndm_50", "bfloat16"}
+    assert variants["pndm_50"]["steps"] > variants["lora_unfused"]["steps"]
+    assert all(v["seconds_per_image"] > 0 for v in variants.values())
+    ratios = result["ratios"]
+    assert ratios["fused_over_base"] == pytest.approx(
+        variants["lora_fused"]["seconds_per_image"] / variants["base"]["seconds_per_image"]
+    )
+    # Fusing folds the same weights in: the images must match the unfused adapter's.
+    assert result["fused_vs_unfused_max_pixel_difference"] <= 2.0
+    assert result["adapter_load_s"] > 0 and result["image_px"] == 32
+    cold = result["space_cold_start"]
+    assert 0 < cold["serving_s"] < cold["first_image_s"]
+
+
+def test_window_averages_only_the_requested_steps():
+    timer = StepStampTimer()
+    timer.loop_started_at = 10.0
+    timer.stamps = [11.0, 11.5, 12.5]
+    timer.totals = [{p: 0.0 for p in PHASES} | {"data_wait": s} for s in (0.9, 1.0, 1.2)]
+    warm = timer.window(2, 3)
+    assert warm["steps"] == 2 and warm["step_s"] == pytest.approx(0.75)
+    assert warm["phases_s"]["data_wait"] == pytest.approx(0.15)
+    assert timer.window(1, 1)["step_s"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="not timed"):
+        timer.window(2, 4)
+
+
+def test_unknown_case_and_gpu_case_on_cpu_fail_with_the_choices(tmp_path):
+    with pytest.raises(SystemExit, match="Unknown case.*choose from"):
+        run_train_bench(["nope"], tmp_path, short=True)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            run_train_bench(["gpu"], tmp_path, short=True)
