@@ -67,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench.train import run_train_bench
 
         names = args.cases or (["gpu"] if torch.cuda.is_available() else CPU_CASES)
-        records, checks = run_train_bench(names, args.work_dir, args.short, args.model)
         out = args.out or RESULTS_DIR / f"train-{suffix}.json"
-        write_results(out, "train", args.short, argv, {"cases": records, "checks": checks}, machine)
+
+        def save(records: list[dict], checks: dict) -> None:
+            write_results(out, "train", args.short, argv, {"cases": records, "checks": checks}, machine)
+
+        run_train_bench(names, args.work_dir, args.short, args.model, on_record=save)
     else:
         from bench.generate import default_models, run_generate_bench
 

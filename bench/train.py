@@ -300,9 +300,12 @@ def latent_cache_dir(flags: list[str]) -> Path | None:
 
 
 def run_train_bench(
-    names: list[str], work_dir: Path, short: bool, model: Path | None = None
+    names: list[str], work_dir: Path, short: bool, model: Path | None = None, on_record=None
 ) -> tuple[list[dict], dict]:
-    """Every requested case in this process, in order; returns the records and the acceptance checks."""
+    """Every requested case in this process, in order; returns the records and the acceptance checks.
+
+    `on_record(records, checks)` is called after every case, so a run cut short still leaves its figures.
+    """
     work_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for case in make_cases(names, work_dir, short, model):
@@ -317,4 +320,6 @@ def run_train_bench(
         print(f"[bench] {case.name}: {record['step_s']:.3f} s/step, {record['images_per_s']:.2f} images/s, "
               f"data wait {record['phase_share']['data_wait']:.1%}", flush=True)
         records.append(record)
+        if on_record is not None:
+            on_record(records, acceptance({r["name"]: r for r in records}))
     return records, acceptance({r["name"]: r for r in records})

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU benchmark, one prepared script (< 8 minutes on an H200): BK-SDM-Tiny architecture (random weights) at
+# 512 px in bf16, batch sizes 1, 4 and 8, with and without --compile; generation at 25 steps through the
+# Space's code (fp16 vs fp32, fused vs unfused LoRA, PNDM-50, cold start). Writes bench/results/train-gpu.json
+# and bench/results/generate-gpu.json, then re-renders docs/benchmarks.md.
+#
+#   bash bench/gpu.sh            # from the repository root, on a machine with a CUDA GPU
+#
+# Packages: torch must be there. Anything else missing from requirements.txt (diffusers, datasets, gradio...)
+# is installed from wheels in .whl/ (make them with `bash bench/gpu_wheels.sh` on a machine with pip access).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export GRADIO_ANALYTICS_ENABLED=False
+PY=${PYTHON:-python3}
+WORK=${BENCH_WORK_DIR:-/tmp/lorakit-bench}
+LOG=${BENCH_LOG_DIR:-$WORK/logs}
+mkdir -p "$LOG"
+
+if ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  echo "error: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); run this on a GPU machine." >&2
+  exit 2
+fi
+if ! "$PY" -c "import diffusers, datasets, transformers, peft, accelerate, gradio, gradio_client, psutil" 2>/dev/null; then
+  if [ -d .whl ]; then
+    echo "[gpu.sh] installing missing packages from .whl/"
+    "$PY" -m pip install -q --no-index --find-links .whl -r requirements.txt -r space/requirements.txt gradio_client
+  else
+    echo "error: packages from requirements.txt are missing and there is no .whl/ folder to install them from:" >&2
+    echo "       pip install -r requirements.txt -r requirements-dev.txt, or bash bench/gpu_wheels.sh first." >&2
+    exit 2
+  fi
+fi
+"$PY" -c "import torch; print('[gpu.sh]', torch.__version__, torch.cuda.get_device_name(0))"
+
+# Training: 6 runs (eager, then compiled); each stage has its own time limit so one slow compile cannot eat
+# the whole budget; results are written after every run, so a stage cut short still leaves its figures.
+timeout 330 "$PY" -m bench train --cases gpu --work_dir "$WORK" 2>&1 | tee "$LOG/train.log" \
+  || echo "[gpu.sh] training stage stopped early (see $LOG/train.log); partial results kept"
+# Generation at 25 steps on the same architecture (an adapter is trained for one step to have one to load).
+timeout 150 "$PY" -m bench generate --base "$WORK/bk-sdm-tiny" --steps 25 --device cuda --work_dir "$WORK" \
+  2>&1 | tee "$LOG/generate.log" || echo "[gpu.sh] generation stage stopped early (see $LOG/generate.log)"
+"$PY" -m bench report
+ls -l bench/results/
