@@ -6,6 +6,7 @@ from pathlib import Path
 
 from bench.results_io import read_results
 from lorakit.atomic import atomic_write_text
+from lorakit.paths import REPO_ROOT
 from lorakit.timing import PHASES
 
 PHASE_LABELS = {
@@ -97,7 +98,29 @@ def train_table(cases: list[dict]) -> str:
 
 def case_notes(cases: list[dict]) -> str:
     return "\n".join(f"- `{c['name']}`: {c['description']}; {c['timed_steps']} timed steps; trainer flags "
-                     f"`{' '.join(flag for flag in c['flags'] if '/' not in flag)}`." for c in cases)
+                     f"`{shown_flags(c['flags'])}`." for c in cases)
+
+
+def shown_path(reference: str) -> str:
+    """Paths inside the repository relative to it; scratch paths by their last part; Hub ids as they are."""
+    path = Path(reference)
+    if not path.is_absolute():
+        return reference
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return f"<scratch>/{path.name}"
+
+
+def cache_state(case: dict) -> str:
+    if "cache" not in case:
+        return "no cache"
+    return "reused" if case["cache"]["hit"] else "written (encodes)"
+
+
+def shown_flags(flags: list[str]) -> str:
+    """Trainer flags with local paths cut to their last part (the scratch folder differs per machine)."""
+    return " ".join(Path(flag).name if "/" in flag else flag for flag in flags)
 
 
 def cache_section(cases: list[dict], checks: dict) -> str:
@@ -110,14 +133,15 @@ def cache_section(cases: list[dict], checks: dict) -> str:
             rows.append([f"`{c['name']}`", fmt(e["epoch"]), fmt(e["step_s"]),
                          pct(e["phase_share"]["vae_encoding"]), pct(e["phase_share"]["text_encoding"]),
                          pct(e["phase_share"]["unet_forward_backward"]), fmt(c["startup_s"]),
-                         fmt((c.get("cache") or {}).get("hit"))])
+                         cache_state(c)])
     parts = ["### `--cache_latents` (BK-SDM-Tiny architecture, CPU)", "",
-             table(["run", "epoch", "s/step", "VAE enc.", "text enc.", "UNet fwd+bwd", "start-up s", "cache hit"],
+             table(["run", "epoch", "s/step", "VAE enc.", "text enc.", "UNet fwd+bwd", "start-up s", "cache"],
                    rows), ""]
     cache = checks.get("cache_latents")
     if cache:
         parts += [
-            f"- Without the cache, VAE and text encoding take {pct(cache['encoder_share_without_cache'])} of a "
+            f"- Without the cache ({fmt(cache['step_s_without_cache'])} s/step, mean of the runs before and after "
+            f"the cached ones), VAE and text encoding take {pct(cache['encoder_share_without_cache'])} of a "
             f"step; with it, the second epoch spends {fmt(cache['epoch2_encoder_s_with_cache'])} s per step in "
             f"them and its step time drops by {pct(cache['epoch2_step_time_drop'])} "
             f"(at least the share less 5 points: {fmt(cache['drop_at_least_share_minus_5_points'])}).",
@@ -148,6 +172,13 @@ def train_section(document: dict) -> str:
         below = fmt(checks["jpeg_data_wait_below_10_percent"])
         parts.append(f"- 1024 px JPEGs resized every step, default workers: data wait "
                      f"{pct(checks['jpeg_data_wait_share'])} (< 10%: {below}).")
+    loading = {c["name"]: c for c in main if c.get("group") == "data-loading"}
+    if len(loading) == 2:
+        default, workers = loading["jpeg-embedded-workers0"], loading["jpeg-embedded-workers2"]
+        parts.append(f"- Data-loading levers on a fast model fed 1024 px JPEGs: data wait "
+                     f"{pct(default['phase_share']['data_wait'])} with the default settings, "
+                     f"{pct(workers['phase_share']['data_wait'])} with 2 workers and prefetch 4 "
+                     f"(step time {workers['step_s'] / default['step_s']:.2f}x).")
     compiled = {c["batch_size"]: c for c in main if c.get("tags", {}).get("compile")}
     eager = {c["batch_size"]: c for c in main if c.get("tags", {}).get("compile") is False}
     for batch in sorted(set(compiled) & set(eager)):
@@ -168,15 +199,17 @@ def generate_section(document: dict) -> str:
     cold = document.get("space_cold_start")
     parts = [
         f"## Generation ({device.upper()})", "", machine_line(document), "",
-        f"Base `{document['base_model']}`, adapter `{document['adapter']}`, {document['image_px']} px images, "
+        f"Base `{shown_path(document['base_model'])}`, adapter `{shown_path(document['adapter'])}`, "
+        f"{document['image_px']} px images, "
         f"{document['dtype']}, guidance 7.5, prompt \"{document['prompt']}\", median of {document['repeats']} "
-        "images after one warm-up image each, through `space/app.py`'s own sampling code.", "",
+        "image(s) after one warm-up image each, through `space/app.py`'s own sampling code.", "",
         table(["variant", "steps", "s/image", "vs Space default"], rows), "",
         f"- Fused LoRA / base model: {r['fused_over_base']:.3f}x (within 5%: "
         f"{fmt(document['checks']['fused_within_5_percent_of_base'])}); unfused overhead: "
         f"{pct(r['unfused_over_base'] - 1)} over the base model. Fused and unfused images differ by at most "
         f"{document['fused_vs_unfused_max_pixel_difference']:.3g} (0-255 scale).",
-        f"- PNDM at 50 steps takes {r['pndm_50_over_default']:.2f}x the time of the default DPM-Solver++ "
+        f"- PNDM at {document['variants']['pndm_50']['steps']} steps takes {r['pndm_50_over_default']:.2f}x the time "
+        "of the default DPM-Solver++ "
         f"at {document['variants']['lora_unfused']['steps']} steps.",
         f"- Other precision / default precision: {r['other_precision_over_default']:.2f}x.",
         f"- Adapter load into a loaded base: {fmt(document['adapter_load_s'])} s; whole pipeline load "
