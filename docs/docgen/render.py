@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import yaml
+
 from docgen import sources as src
 
 BYTES_PER_PARAM = (("fp32", 4), ("fp16 / bf16", 2), ("8-bit", 1))
@@ -26,7 +28,12 @@ def _mb(num_bytes: float) -> str:
 
 
 def _pending(what: str, command: str) -> str:
-    return f"_{what} not measured yet: run `{command}`, then `python docs/build.py`._"
+    then = "" if command.startswith("python docs/build.py") else ", then `python docs/build.py --blocks`"
+    return f"_{what} not measured yet: run `{command}`{then}._"
+
+
+def _lr(value: float) -> str:
+    return f"{value:.0e}".replace("e-0", "e-")
 
 
 def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
@@ -146,6 +153,31 @@ def deploy_sizes() -> str:
     )
 
 
+def device_fit() -> str:
+    """Whether BK-SDM-Tiny's weights fit in the memory an app may use on each device class (deployment)."""
+    _, bk = _sizes()
+    facts = src.read_json(src.FACTS_JSON)["device_classes"]
+    if bk is None:
+        return _pending("Parameter counts", "python docs/build.py")
+    total = bk["parameters"]["pipeline"]
+    share = facts["usable_share"]
+    rows = []
+    for device in facts["devices"]:
+        budget = device["ram_gib"] * 2**30 * share
+        cells = []
+        for _, width in BYTES_PER_PARAM:
+            need = total * width
+            cells.append(f"{'fits' if need <= budget else 'no'} ({100 * need / budget:.0f} % of budget)")
+        ram = f"{device['ram_gib']:g} GiB" if device["ram_gib"] >= 1 else f"{device['ram_gib'] * 2**20:,.0f} KiB"
+        rows.append([device["name"], device["platform"], ram, *cells])
+    return (
+        _table(["device", "platform", "RAM", *(f"weights {label}" for label, _ in BYTES_PER_PARAM)], rows)
+        + f"\n\nBudget: {share:.0%} of the device's RAM for the model's weights (the rest is the OS, the app and "
+        f"the activations while generating). BK-SDM-Tiny has {_n(total)} parameters in all. RAM figures and the "
+        "budget share are assumptions in `docs/results/facts.json`."
+    )
+
+
 # --- datasets and training --------------------------------------------------------------------------------
 
 
@@ -196,6 +228,55 @@ def train_run() -> str:
         f"{summary['train_seconds']:.0f} s on a shared CPU; final loss {summary['final_loss']:.3f}, "
         f"{_n(summary['lora_trainable_parameters'])} trainable LoRA parameters, adapter file "
         f"{_mb(summary['adapter_file_bytes'])}. Source: `embedded/demo_adapter/train_summary.json`."
+    )
+
+
+def _preset(name: str) -> dict:
+    return yaml.safe_load((src.REPO / "configs" / name).read_text())
+
+
+def sample_prompts() -> str:
+    """The demo run's validation prompts, as a numbered list, read from its preset (README)."""
+    prompts = _preset("shapes.yaml")["validation"]["validation_prompt"]
+    return "\n".join(f'{i}. "{prompt}"' for i, prompt in enumerate(prompts, 1))
+
+
+def naruto_preset() -> str:
+    """The real-run preset's main settings (README)."""
+    p = _preset("bk-sdm-tiny-naruto.yaml")
+    t, lora, data = p["training"], p["lora"], p["data"]
+    rows = [
+        ["base model", f"`{p['model']['pretrained_model_name_or_path']}`"],
+        ["dataset", f"`{data['dataset_name']}` at {data['resolution']} px"],
+        ["LoRA", f"rank {lora['rank']}, alpha {lora['lora_alpha']}, on {', '.join(lora['target_modules'])}"],
+        ["optimizer", f"AdamW, learning rate {_lr(t['learning_rate'])}, {t['lr_scheduler']} schedule"],
+        ["batch", f"{t['train_batch_size']} per step x {t['gradient_accumulation_steps']} accumulation steps"],
+        ["epochs", str(t["num_train_epochs"])],
+        ["precision", f"{t['mixed_precision']} (LoRA weights stay fp32)"],
+        ["loss weighting", f"min-SNR, gamma {t['snr_gamma']:g}"],
+        ["checkpoints", f"every {t['checkpointing_steps']} steps, newest {t['checkpoints_total_limit']} kept"],
+        ["validation prompts", "; ".join(f'"{v}"' for v in p["validation"]["validation_prompt"])],
+        ["output", f"`{p['output']['output_dir']}/`"],
+    ]
+    return _table(["setting", "value"], rows, align="|---|---|")
+
+
+def python_version() -> str:
+    """The Python versions pyproject.toml accepts (README)."""
+    import tomllib
+
+    project = tomllib.loads((src.REPO / "pyproject.toml").read_text())["project"]
+    return f"Python {project['requires-python'].replace('>=', '')} or newer (`pyproject.toml`)."
+
+
+def quickstart_time() -> str:
+    """How long the quickstart run took (README)."""
+    summary = src.read_json(src.TRAIN_SUMMARY)
+    if summary is None:
+        return _pending("The demo run", "accelerate launch --config_file accelerate_config.yaml train_lora.py")
+    return (
+        f"The run that made the committed demo adapter took {summary['train_seconds']:.0f} s of training "
+        f"({summary['global_step']} steps) on a shared 2-core CPU (`embedded/demo_adapter/train_summary.json`)."
     )
 
 
@@ -402,8 +483,13 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "eval-headline": eval_headline,
     "model-sizes": model_sizes,
     "deploy-sizes": deploy_sizes,
+    "device-fit": device_fit,
     "datasets": datasets_block,
     "train-run": train_run,
+    "sample-prompts": sample_prompts,
+    "naruto-preset": naruto_preset,
+    "quickstart-time": quickstart_time,
+    "python-version": python_version,
     "epoch-cost": epoch_cost,
     "latency": latency,
     "hosting-cost": hosting_cost,

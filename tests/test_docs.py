@@ -1,0 +1,265 @@
+"""The docs stay true: numbers match the result files, links resolve, images are generated, snippets run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "docs"))
+
+from docgen import sources  # noqa: E402
+from docgen.markers import block_names, render_blocks  # noqa: E402
+from docgen.render import RENDERERS  # noqa: E402
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _load("docs_build", REPO / "docs" / "build.py")
+DOCS = [REPO / name for name in build.DOC_FILES]
+LINK = re.compile(r"!?\[(?P<text>[^\]]*)\]\((?P<target>[^)\s]+)\)")
+FENCE = re.compile(r"```(?P<lang>\w*)\n(?P<body>.*?)```", re.DOTALL)
+REQUIRED_EXTERNAL = (
+    "https://arxiv.org/abs/2305.15798",
+    "https://github.com/Nota-NetsPresso/BK-SDM",
+    "https://arxiv.org/abs/2106.09685",
+    "https://huggingface.co/datasets/lambdalabs/naruto-blip-captions",
+)
+EMBEDDED_READY = (REPO / "embedded" / "pipeline" / "model_index.json").is_file()
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def _links(path: Path) -> list[str]:
+    """Link and image targets of a Markdown file, code blocks excluded."""
+    return [m.group("target") for m in LINK.finditer(FENCE.sub("", _text(path)))]
+
+
+def _blocks(lang: str) -> list[tuple[Path, str]]:
+    return [(doc, m.group("body")) for doc in DOCS for m in FENCE.finditer(_text(doc)) if m.group("lang") == lang]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+# --- generated blocks ----------------------------------------------------------------------------------------
+
+
+def test_generated_blocks_are_up_to_date():
+    """Re-rendering every block from the result files gives the committed text (run `python docs/build.py`)."""
+    assert build.stale_files() == []
+
+
+def test_every_page_has_generated_numbers_and_every_renderer_is_used():
+    used = {name for doc in DOCS for name in block_names(_text(doc))}
+    assert all(block_names(_text(doc)) for doc in DOCS)
+    assert used == set(RENDERERS), f"renderers never used: {set(RENDERERS) - used}"
+
+
+def test_render_blocks_replaces_only_the_body_and_rejects_broken_markers():
+    text = "intro 3\n<!-- generated:x -->\nold 1\n<!-- /generated:x -->\noutro\n"
+    expected = "intro 3\n<!-- generated:x -->\nnew 2\n<!-- /generated:x -->\noutro\n"
+    assert render_blocks(text, {"x": lambda: "new 2"}) == expected
+    with pytest.raises(ValueError, match="No renderer"):
+        render_blocks(text, {})
+    with pytest.raises(ValueError, match="closing marker"):
+        render_blocks("<!-- generated:x -->\nold\n", {"x": lambda: "new"})
+
+
+def test_measured_looking_numbers_appear_only_inside_generated_blocks():
+    """Decimals, thousands and percentages in prose would be typed by hand: they must come from a block."""
+    figure = re.compile(r"(?<![\w.:/-])(\d+\.\d+|\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)? ?%)(?![\w.])")
+    for doc in DOCS:
+        prose = re.sub(r"<!-- generated:([\w-]+) -->.*?<!-- /generated:\1 -->", "", _text(doc), flags=re.DOTALL)
+        prose = LINK.sub("", FENCE.sub("", prose))
+        prose = re.sub(r"`[^`]*`", "", prose)  # commands and identifiers
+        assert figure.findall(prose) == [], f"{doc.name}: numbers outside generated blocks"
+
+
+def test_build_check_command_passes():
+    result = subprocess.run([sys.executable, "docs/build.py", "--check"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# --- links and images -----------------------------------------------------------------------------------------
+
+
+def test_relative_links_resolve():
+    for doc in DOCS:
+        headings = {_slug(h) for h in re.findall(r"^#+ (.+)$", FENCE.sub("", _text(doc)), flags=re.MULTILINE)}
+        for target in _links(doc):
+            if urlparse(target).scheme:
+                continue
+            path, _, anchor = target.partition("#")
+            if not path:
+                assert anchor in headings, f"{doc.name}: no heading for #{anchor}"
+                continue
+            assert (doc.parent / path).exists(), f"{doc.name}: {target} does not exist"
+
+
+def test_external_links_are_well_formed_and_cite_the_sources():
+    external = [t for doc in DOCS for t in _links(doc) if urlparse(t).scheme]
+    for url in external:
+        parts = urlparse(url)
+        assert parts.scheme == "https" and "." in parts.netloc and " " not in url, url
+    for required in REQUIRED_EXTERNAL:
+        assert required in external, f"missing link {required}"
+
+
+def test_every_image_is_made_by_a_committed_script():
+    """Docs images are build.py's figures, the experiment's figure, the browser test's screenshot or trainer output."""
+    made = {*build.FIGURES, "continual.png", "space.png"}
+    images = [(doc, m.group("target")) for doc in DOCS for m in LINK.finditer(_text(doc)) if m.group(0)[0] == "!"]
+    assert images
+    for doc, target in images:
+        path = (doc.parent / target).resolve()
+        assert path.is_file(), f"{doc.name}: missing image {target}"
+        from_docs = path.parent == sources.IMAGES and path.name in made
+        from_trainer = path.parent == sources.DEMO_ADAPTER
+        assert from_docs or from_trainer, f"{doc.name}: {target} is not produced by a committed script"
+
+
+# --- snippets ----------------------------------------------------------------------------------------------
+
+
+def _quickstart() -> list[str]:
+    section = _text(REPO / "README.md").split("## Quickstart", 1)[1]
+    body = FENCE.search(section).group("body")
+    return [line for line in body.splitlines() if line.strip()]
+
+
+def test_quickstart_test_command_is_what_ci_runs():
+    commands = _quickstart()
+    assert len(commands) == 2
+    ci_commands = [line for line in _text(REPO / ".ci" / "run").splitlines() if line and not line.startswith("#")]
+    assert commands[1] == ci_commands[-1] == "python -m pytest -q"
+
+
+@pytest.mark.skipif(not EMBEDDED_READY, reason="needs the embedded pipeline (python -m embedded.build)")
+def test_quickstart_training_command_runs_as_written(tmp_path):
+    """The README's first command, verbatim, from the repository root, trains the default adapter."""
+    command = _quickstart()[0]
+    output = REPO / "output" / "shapes-purple"
+    backup = tmp_path / "user-output"
+    if output.exists():  # a user's own run: keep it safe and put it back afterwards
+        shutil.move(output, backup)
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+        result = subprocess.run(shlex.split(command), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summary = json.loads((output / "train_summary.json").read_text())
+        assert (output / "pytorch_lora_weights.safetensors").stat().st_size == summary["adapter_file_bytes"] > 0
+        assert summary["num_samples"] == sources.dataset_rows(REPO / "embedded" / "data" / "adapter")
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+        if backup.exists():
+            shutil.move(backup, output)
+
+
+@pytest.mark.skipif(not EMBEDDED_READY, reason="needs the embedded pipeline (python -m embedded.build)")
+def test_python_snippets_run():
+    snippets = _blocks("python")
+    assert snippets
+    for doc, code in snippets:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{doc.name} snippet failed:\n{code}\n{result.stderr[-2000:]}"
+
+
+def _shell_commands() -> list[list[str]]:
+    return [shlex.split(line) for _, body in _blocks("bash") for line in body.splitlines() if line.strip()]
+
+
+def test_shell_snippets_name_real_files_and_valid_flags():
+    """Every command in the docs' bash blocks parses with the real CLI and names files that exist."""
+    sys.path.insert(0, str(REPO))
+    from bench.__main__ import build_parser as bench_parser
+    from eval.cli import build_parser as eval_parser
+    from lorakit.config import parse_args
+
+    commands = _shell_commands()
+    assert any("train_lora.py" in c for c in commands) and any(c[:3] == ["python", "-m", "eval"] for c in commands)
+    for words in commands:
+        if "train_lora.py" in words:
+            launch = words[: words.index("train_lora.py")]
+            if "--config_file" in launch:
+                assert (REPO / launch[launch.index("--config_file") + 1]).is_file()
+            parse_args(words[words.index("train_lora.py") + 1 :])  # raises on an unknown flag or a bad value
+        elif words[:3] == ["python", "-m", "eval"]:
+            eval_parser().parse_args(words[3:])
+        elif words[:3] == ["python", "-m", "bench"]:
+            bench_parser().parse_args(words[3:])
+        elif words[:3] == ["python", "-m", "pytest"]:
+            assert words[3:] == ["-q"]
+        elif words[0] == "python":
+            assert (REPO / words[1]).is_file(), words
+        elif words[:2] == ["pip", "install"]:
+            assert all((REPO / w).is_file() for w in words[2:] if w != "-r")
+        else:
+            raise AssertionError(f"unchecked command in the docs: {shlex.join(words)}")
+
+
+# --- the generator's parts ---------------------------------------------------------------------------------
+
+
+def test_continual_experiment_commands_parse_and_replay_old_data(tmp_path):
+    sys.path.insert(0, str(REPO))
+    from lorakit.config import parse_args
+
+    experiment = _load("continual_experiment", REPO / "docs" / "continual_experiment.py")
+    concepts = experiment.new_batch_concepts()
+    assert {c.shape for c in concepts} == {"blob"} and "purple" not in {c.colour for c in concepts}
+    new_data = experiment.write_new_batch(tmp_path / "blob", 6)
+    assert sources.dataset_rows(new_data) == 6
+    commands = experiment.stage_commands(tmp_path, new_data)
+    configs = {name: parse_args(command[2:]) for name, command in commands.items()}
+    first = configs["first"].output.output_dir
+    assert configs["first"].lora.init_adapter is None
+    assert configs["naive"].lora.init_adapter == configs["replay"].lora.init_adapter
+    assert Path(configs["naive"].lora.init_adapter).resolve() == Path(first).resolve()
+    assert configs["naive"].data.mix_train_data_dir in (None, [])
+    assert configs["replay"].data.mix_weights == [3.0, 1.0]
+
+
+def test_figures_from_a_tiny_pipeline(tiny_pipeline_dir):
+    from docgen import figures
+
+    pipe = figures.load_pipeline(tiny_pipeline_dir)
+    frames = figures.denoising_frames(pipe, "a red circle", seed=0, steps=4, guidance=7.5, show=(0, 2, 4))
+    assert [step for step, _ in frames] == [0, 2, 4]
+    first, last = (list(image.getdata()) for _, image in (frames[0], frames[-1]))
+    assert first != last  # the sampler changed the picture
+    strip = figures.denoising_strip(frames, 4, "a red circle")
+    assert strip.width > 3 * figures.CELL and strip.height > figures.CELL
+    grid = figures.sample_grid([frames[0][1]] * 2, [frames[-1][1]] * 2, ["a red circle"], (0, 1))
+    assert grid.width > 4 * figures.CELL
+    diagram = figures.parts_diagram("a red circle", frames[0][1], frames[-1][1], 4)
+    assert diagram.getpixel((10, 10)) == figures.PAPER and len(set(diagram.getdata())) > 50
+
+
+def test_bk_sdm_tiny_counts_in_the_docs_are_the_real_architecture():
+    """The committed counts equal those published with the eval issue for nota-ai/bk-sdm-tiny."""
+    counts = json.loads(sources.SIZES_BK_SDM.read_text())
+    assert counts["parameters"]["unet"] == 323_384_964
+    assert counts["parameters"]["text_encoder"] == 123_060_480
+    assert counts["parameters"]["vae"] == 83_653_863
+    assert counts["lora_by_rank"]["4"] == 431_616
