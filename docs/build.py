@@ -52,20 +52,21 @@ def sample_prompts() -> list[str]:
     return list(preset["validation"]["validation_prompt"])
 
 
-def write_counts() -> list[Path]:
-    """Parameter counts from configs (meta device) for the embedded model and BK-SDM-Tiny."""
+def write_counts(embedded: bool = True) -> list[Path]:
+    """Parameter counts from configs (meta device) for BK-SDM-Tiny and (unless told not to) the embedded model."""
     from eval.sizes import model_sizes
     from lorakit.atomic import atomic_write_json
     from lorakit.paths import BK_SDM_TINY_REFERENCE
 
-    embedded = model_sizes(src.relative(PIPELINE), (4, 8))
     # The reference configs are the Hub model's; without them, a config-only download of the real id does the same.
     bk_source = str(BK_SDM_TINY_REFERENCE) if BK_SDM_TINY_REFERENCE.is_dir() else "nota-ai/bk-sdm-tiny"
     bk = model_sizes(bk_source, (4, 8))
     bk["base"] = "nota-ai/bk-sdm-tiny"
-    for path, sizes in ((src.SIZES_EMBEDDED, embedded), (src.SIZES_BK_SDM, bk)):
-        atomic_write_json(path, sizes)
-    return [src.SIZES_EMBEDDED, src.SIZES_BK_SDM]
+    atomic_write_json(src.SIZES_BK_SDM, bk)
+    if not embedded:
+        return [src.SIZES_BK_SDM]
+    atomic_write_json(src.SIZES_EMBEDDED, model_sizes(src.relative(PIPELINE), (4, 8)))
+    return [src.SIZES_BK_SDM, src.SIZES_EMBEDDED]
 
 
 def write_figures() -> list[Path]:

@@ -478,6 +478,31 @@ def continual_setup() -> str:
     return "\n".join(lines)
 
 
+def continual_findings() -> str:
+    """What the table shows, in words, with the figures it rests on (continual-tuning)."""
+    results = src.read_json(src.CONTINUAL_JSON)
+    if results is None:
+        return _pending("The continual-tuning experiment", src.CONTINUAL_COMMAND)
+    stage = {s["name"]: s["scores"] for s in results["stages"]}
+
+    def r(name: str, concept: str) -> str:
+        return f"{stage[name][concept]['r_precision_top1']:.2f}"
+
+    weights = ":".join(str(w) for w in results["replay_weights"])
+    return "\n".join(
+        [
+            f"- **Batch 1 learned:** purple R-precision went from {r('base', 'purple')} (base model) to "
+            f"{r('first', 'purple')} with the first adapter.",
+            f"- **Naive update:** training on the blobs alone took blob R-precision from {r('first', 'blob')} to "
+            f"{r('naive', 'blob')}, while purple went from {r('first', 'purple')} to {r('naive', 'purple')}.",
+            f"- **With replay ({weights} new to old):** blob {r('replay', 'blob')}, purple {r('replay', 'purple')}.",
+            f"- **Base prompts** (what the model could do before any adapter): {r('base', 'base')} for the base "
+            f"model, {r('first', 'base')} after batch 1, {r('naive', 'base')} naive, {r('replay', 'base')} with "
+            "replay.",
+        ]
+    )
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "eval-table": eval_table,
     "eval-headline": eval_headline,
@@ -495,4 +520,5 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "hosting-cost": hosting_cost,
     "continual-table": continual_table,
     "continual-setup": continual_setup,
+    "continual-findings": continual_findings,
 }
