@@ -167,11 +167,18 @@ def device_fit() -> str:
         cells = []
         for _, width in BYTES_PER_PARAM:
             need = total * width
-            cells.append(f"{'fits' if need <= budget else 'no'} ({100 * need / budget:.0f} % of budget)")
+            if need > 10 * budget:
+                cells.append("no (far too large)")
+            else:
+                cells.append(f"{'fits' if need <= budget else 'no'} ({100 * need / budget:.0f} % of budget)")
         ram = f"{device['ram_gib']:g} GiB" if device["ram_gib"] >= 1 else f"{device['ram_gib'] * 2**20:,.0f} KiB"
         rows.append([device["name"], device["platform"], ram, *cells])
     return (
-        _table(["device", "platform", "RAM", *(f"weights {label}" for label, _ in BYTES_PER_PARAM)], rows)
+        _table(
+            ["device", "platform", "RAM", *(f"weights {label}" for label, _ in BYTES_PER_PARAM)],
+            rows,
+            align="|---|---|---:|---|---|---|",
+        )
         + f"\n\nBudget: {share:.0%} of the device's RAM for the model's weights (the rest is the OS, the app and "
         f"the activations while generating). BK-SDM-Tiny has {_n(total)} parameters in all. RAM figures and the "
         "budget share are assumptions in `docs/results/facts.json`."
