@@ -41,7 +41,11 @@ python -m bench report                       # re-render this page
 ```
 
 `--short` runs a few steps of each case (CI runs it through `tests/test_bench.py`, so the bench cannot rot);
-the full mode is what produced the tables below. Step times drop the first step (lazy initialisation; three
+the full mode is what produced the tables below. The CPU figures come from a small shared virtual machine:
+other jobs ran beside the bench, so each table states the 1-minute load average at the start and end of its
+run and the `OMP_NUM_THREADS` it used; read the ratios, not the absolute seconds.
+
+Step times drop the first step (lazy initialisation; three
 steps under `--compile`). *Start-up* is the time from calling `train()` to the first batch request (model
 loading, LoRA attachment, and with `--cache_latents` the encoding pass); *first step* adds the first step.
 Phases are mean seconds per optimizer step as timed inside the trainer (`lorakit.timing.PhaseTimer`);
@@ -247,11 +251,28 @@ def closing_note(documents: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LEVERS = """## Levers (trainer flags the bench measures)
+
+- Data loading: `--dataloader_num_workers N` decodes and resizes in N worker processes (off the main
+  process), `--dataloader_prefetch_factor` sets how many batches each worker prepares ahead,
+  `--persistent_workers` keeps them between epochs; memory is pinned automatically on CUDA.
+- `--cache_latents` (with `--latent_cache_dir`): the frozen VAE and text encoder run once per dataset; the
+  cache file is keyed by the dataset fingerprint, columns, model files, resolution and augmentation, so any
+  change writes a new file and a stale one is never read. It stores the VAE posterior's mean and
+  log-variance rather than one sample: each step still draws its own sample with the step's generator, so
+  the same seed gives the same losses as without the cache (the tables show it), and the sampling noise is kept.
+  Random crops and flips are frozen at their first draw when cached.
+- `--compile` (torch.compile of the UNet), `--allow_tf32` (Ampere and later), `--channels_last`,
+  `--gradient_checkpointing` (less activation memory for more compute), fused AdamW (automatic on CUDA),
+  `--mixed_precision bf16|fp16`.
+"""
+
 GPU_MISSING = """## GPU
 
-No GPU figures yet: this page was rendered on a machine without one. `bash bench/gpu.sh` on a CUDA machine
-(under 8 minutes on an H200) writes `bench/results/train-gpu.json` and `bench/results/generate-gpu.json`;
-`python -m bench report` then adds their tables here.
+No GPU figures yet: the machine that rendered this page has none, and `bench/gpu.sh` has not been run. On a
+CUDA machine, `bash bench/gpu.sh` (prepared to finish in under 8 minutes on an H200: BK-SDM-Tiny
+architecture at 512 px in bf16, batch sizes 1, 4 and 8, with and without `--compile`, then generation at 25
+steps) writes `bench/results/train-gpu.json` and `bench/results/generate-gpu.json` and re-renders this page.
 """
 
 
@@ -261,6 +282,7 @@ def render(documents: list[dict]) -> str:
     parts = [INTRO]
     for d in documents:
         parts.append(train_section(d) if d["kind"] == "train" else generate_section(d))
+    parts.append(LEVERS)
     if not any(d["machine"].get("gpu") for d in documents):
         parts.append(GPU_MISSING)
     parts.append(closing_note(documents))
