@@ -24,7 +24,10 @@ def draw_sample(size: int, colour: str, shape: str, rng: random.Random) -> Image
 
 
 def make_image_folder(folder: str | Path, count: int, size: int, fmt: str = "png", seed: int = 0) -> Path:
-    """Write `count` captioned images of `size` px (png or jpeg) with a metadata.jsonl; reuse a complete one."""
+    """Write `count` captioned images of `size` px (png or jpeg) with a metadata.jsonl; reuse a complete one.
+
+    Callers put the count in the folder name: a folder is never rewritten with fewer images.
+    """
     folder = Path(folder)
     metadata = folder / "metadata.jsonl"
     if metadata.is_file() and sum(1 for _ in metadata.open()) == count:

@@ -47,7 +47,7 @@ run and the `OMP_NUM_THREADS` it used; read the ratios, not the absolute seconds
 
 Step times drop the first step (lazy initialisation; three
 steps under `--compile`). *Start-up* is the time from calling `train()` to the first batch request (model
-loading, LoRA attachment, and with `--cache_latents` the encoding pass); *first step* adds the first step.
+loading, LoRA attachment, and with `--cache_latents` the encoding pass); *first step* is the first step's own duration.
 Phases are mean seconds per optimizer step as timed inside the trainer (`lorakit.timing.PhaseTimer`);
 *other* is the rest of the step (loss, noise, logging). Peak RSS is sampled over the process and its
 DataLoader workers.

@@ -159,7 +159,7 @@ def fixed_steps(steps: int) -> list[str]:
 
 
 def bk_sdm_tiny_case(model: Path, work_dir: Path, short: bool, resolution: int = 64, batch: int = 2) -> TrainCase:
-    data = make_image_folder(work_dir / f"data-png-{resolution}", 16, resolution)
+    data = make_image_folder(work_dir / f"data-png-{resolution}-16", 16, resolution)
     steps = 3 if short else 10
     return TrainCase(
         name=f"bk-sdm-tiny-{resolution}px",
@@ -189,7 +189,7 @@ def jpeg_workers_cases(work_dir: Path, short: bool) -> list[TrainCase]:
     """The data-loading levers where they matter: a fast model (the embedded one) fed 1024 px JPEGs."""
     require_embedded()
     cfg = parse_args([])
-    count = 16 if short else 64
+    count = 24 if short else 64
     data = make_image_folder(work_dir / f"data-jpeg-1024-{count}", count, 1024, fmt="jpeg")
     steps = math.ceil(count / cfg.training.train_batch_size)  # one epoch: worker start-up is paid once
     settings = {
@@ -233,7 +233,8 @@ def gpu_cases(
     model: Path, work_dir: Path, short: bool, resolution: int = 512, batch_sizes: tuple[int, ...] = (1, 4, 8)
 ) -> list[TrainCase]:
     """BK-SDM-Tiny at 512 px in bf16, each batch size with and without torch.compile (bench/gpu.sh)."""
-    data = make_image_folder(work_dir / f"data-png-{resolution}", 64, resolution)
+    count = 8 if short else 64
+    data = make_image_folder(work_dir / f"data-png-{resolution}-{count}", count, resolution)
     steps = 6 if short else 20
     cases = []
     for compiled in (False, True):

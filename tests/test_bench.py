@@ -11,7 +11,8 @@ from bench.__main__ import main as bench_main
 from bench.report import fmt, render
 from bench.results_io import RESULTS_DIR, read_results
 from bench.timer import StepStampTimer
-from bench.train import run_train_bench
+from bench.train import gpu_cases, run_train_bench
+from lorakit.config import parse_args
 from lorakit.paths import REPO_ROOT
 from lorakit.timing import PHASES
 
@@ -77,9 +78,25 @@ def test_second_run_of_a_sweep_reuses_the_cache(short_train):
 
 
 def test_embedded_default_data_wait_is_below_5_percent(tmp_path):
-    records, checks = run_train_bench(["embedded"], tmp_path, short=True)
-    assert records[0]["batch_size"] == 8 and records[0]["resolution"] == 32  # configs/shapes.yaml, unchanged
+    records, checks = run_train_bench(["embedded", "jpeg-workers"], tmp_path, short=True)
+    records = {r["name"]: r for r in records}
+    default = records["embedded-default"]
+    assert default["batch_size"] == 8 and default["resolution"] == 32  # configs/shapes.yaml, unchanged
     assert checks["embedded_data_wait_below_5_percent"], checks["embedded_data_wait_share"]
+    # Large JPEGs on a fast model: workers that prefetch must cut the time the step waits for data.
+    slow, fast = records["jpeg-embedded-workers0"], records["jpeg-embedded-workers2"]
+    assert fast["phases_s"]["data_wait"] < slow["phases_s"]["data_wait"]
+
+
+def test_gpu_script_cases_are_flags_the_trainer_accepts(tiny_pipeline_dir, tmp_path):
+    cases = gpu_cases(tiny_pipeline_dir, tmp_path, short=True, resolution=64)
+    assert [(c.batch_size, c.tags["compile"]) for c in cases] == [(b, c) for c in (False, True) for b in (1, 4, 8)]
+    for case in cases:
+        cfg = parse_args([*case.flags, "--output_dir", str(tmp_path / "out")])
+        assert cfg.training.mixed_precision == "bf16" and cfg.training.compile == case.tags["compile"]
+        assert cfg.training.train_batch_size == case.batch_size and cfg.data.resolution == 64
+    script = (REPO_ROOT / "bench" / "gpu.sh").read_text()
+    assert "--cases gpu" in script and "--steps 25" in script and "bench report" in script
 
 
 def test_report_renders_every_case_and_the_machine(short_train):
