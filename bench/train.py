@@ -235,7 +235,7 @@ def gpu_cases(
     """BK-SDM-Tiny at 512 px in bf16, each batch size with and without torch.compile (bench/gpu.sh)."""
     count = 8 if short else 64
     data = make_image_folder(work_dir / f"data-png-{resolution}-{count}", count, resolution)
-    steps = 6 if short else 20
+    steps = 6 if short else 15
     cases = []
     for compiled in (False, True):
         for batch in batch_sizes:
