@@ -42,3 +42,5 @@ timeout 140 "$PY" -m bench generate --base "$WORK/bk-sdm-tiny" --steps 25 --devi
   2>&1 | tee "$LOG/generate.log" || echo "[gpu.sh] generation stage stopped early (see $LOG/generate.log)"
 "$PY" -m bench report
 ls -l bench/results/
+# On a lent device machine only $OUT comes back: copy the results there when it is set.
+if [ -n "${OUT:-}" ]; then cp bench/results/*-gpu.json docs/benchmarks.md "$LOG"/*.log "$OUT"/ 2>/dev/null || true; fi
