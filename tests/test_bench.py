@@ -124,7 +124,7 @@ def test_generate_short_uses_the_space_code_and_measures_cold_start(tiny_pipelin
                        "--work_dir", str(tmp_path), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     variants = result["variants"]
-    assert set(variants) == {"base", "lora_unfused", "lora_fused", "pndm_50", "bfloat16"}
+    assert set(variants) == {"base", "lora_unfused", "lora_fused", "lora_fused_unloaded", "pndm_50", "bfloat16"}
     assert variants["pndm_50"]["steps"] > variants["lora_unfused"]["steps"]
     assert all(v["seconds_per_image"] > 0 for v in variants.values())
     ratios = result["ratios"]
@@ -133,6 +133,7 @@ def test_generate_short_uses_the_space_code_and_measures_cold_start(tiny_pipelin
     )
     # Fusing folds the same weights in: the images must match the unfused adapter's.
     assert result["fused_vs_unfused_max_pixel_difference"] <= 2.0
+    assert result["fused_unloaded_vs_unfused_max_pixel_difference"] <= 2.0
     assert result["adapter_load_s"] > 0 and result["image_px"] == 32
     cold = result["space_cold_start"]
     assert 0 < cold["serving_s"] < cold["first_image_s"]
