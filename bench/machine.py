@@ -84,7 +84,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.peak_bytes = self._sample()
+        self.start_bytes = self.peak_bytes = self._sample()
         self._thread.start()
         return self
 
@@ -92,6 +92,10 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self._sample())
+
+    @property
+    def start_rss_mib(self) -> float:
+        return round(self.start_bytes / 2**20, 1)
 
     @property
     def peak_rss_mib(self) -> float:

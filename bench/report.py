@@ -51,7 +51,8 @@ steps under `--compile`). *Start-up* is the time from calling `train()` to the f
 loading, LoRA attachment, and with `--cache_latents` the encoding pass); *first step* is the first step's own duration.
 Phases are mean seconds per optimizer step as timed inside the trainer (`lorakit.timing.PhaseTimer`);
 *other* is the rest of the step (loss, noise, logging). Peak RSS is sampled over the process and its
-DataLoader workers.
+DataLoader workers; the cases run one after another in one process, so the summary also gives the RSS the
+process had before each case.
 """
 
 
@@ -236,7 +237,8 @@ def closing_note(documents: list[dict]) -> str:
                 if c.get("group") != "cache_latents":
                     lines.append(f"- Training `{c['name']}`: {fmt(c['step_s'])} s/step, {fmt(c['images_per_s'])} "
                                  f"images/s, data wait {pct(c['phase_share']['data_wait'])}, peak RSS "
-                                 f"{fmt(c['peak_rss_mib'], 5)} MiB.")
+                                 f"{fmt(c['peak_rss_mib'], 5)} MiB (before the case: "
+                                 f"{fmt(c.get('rss_before_mib'), 5)} MiB).")
             cache = d.get("checks", {}).get("cache_latents")
             if cache:
                 lines.append(f"- `--cache_latents`: second-epoch step time {pct(cache['epoch2_step_time_drop'])} "

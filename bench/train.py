@@ -89,6 +89,8 @@ def run_case(case: TrainCase, work_dir: Path) -> dict:
         "total_s": total_s,
         **summarize(steady, case.batch_size * result_processes()),
         "peak_rss_mib": memory.peak_rss_mib,
+        # Cases share one process: what earlier cases left allocated is part of the peak, so say how much.
+        "rss_before_mib": memory.start_rss_mib,
         "peak_cuda_mib": PeakMemory.peak_cuda_mib(),
         "loss_history": [entry["loss"] for entry in result.state.loss_history],
         "load_average_1min": [load_before, load_average()],
