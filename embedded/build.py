@@ -29,6 +29,7 @@ from embedded.measure import judge_accuracy, pipeline_r_precision
 from embedded.models import make_sampler, make_tokenizer, make_train_scheduler, make_unet
 from embedded.readme import write_readme
 from embedded.train_clip import train_clip
+from embedded.train_judge import train_judge
 from embedded.train_unet import build_cache, train_unet
 from embedded.train_vae import train_vae
 from lorakit.params import count_parameters
@@ -48,8 +49,10 @@ class BuildSizes:
     clip_pool: int = 14400
     vae_steps: int = 700
     vae_pool: int = 8000
-    unet_steps: int = 1200
-    unet_batch: int = 128
+    judge_steps: int = 1500
+    judge_pool: int = 14400
+    unet_steps: int = 1000
+    unet_batch: int = 64
     inference_steps: int | None = None  # None: the pipeline's default call settings
     parallel: bool = True  # CLIP and VAE in two processes; the smoke run trains them in-process
     judge_images: int = 720
@@ -64,6 +67,8 @@ SMOKE = BuildSizes(
     clip_pool=144,
     vae_steps=3,
     vae_pool=64,
+    judge_steps=3,
+    judge_pool=144,
     unet_steps=3,
     unet_batch=8,
     judge_images=72,
@@ -109,27 +114,58 @@ def write_data(out: Path, sizes: BuildSizes, seed: int) -> dict:
     return {"base_rows": len(base), "adapter_rows": len(adapter)}
 
 
-def train_clip_and_vae(work: Path, sizes: BuildSizes, seed: int) -> dict:
-    """Train the judge and the VAE in two single-thread processes at once (in-process for a smoke run)."""
-    if not sizes.parallel:
-        return {"clip": str(train_clip(work / "clip", sizes.clip_steps, sizes.clip_pool, seed=seed)),
-                "vae": str(train_vae(work / "vae", sizes.vae_steps, sizes.vae_pool, seed=seed))}
+def launch(work: Path, name: str, module: str, args: list[object], seed: int) -> subprocess.Popen | None:
+    """Start `python -m module --out work/name ...` on one thread; None when a resumed build already has it."""
+    if (work / name / "config.json").exists():
+        return None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(EMBEDDED_DIR.parent)}
-    jobs = {
-        "clip": ["embedded.train_clip", "--steps", sizes.clip_steps, "--pool_size", sizes.clip_pool],
-        "vae": ["embedded.train_vae", "--steps", sizes.vae_steps, "--pool_size", sizes.vae_pool],
-    }
-    procs = {}
-    for name, (module, *args) in jobs.items():
-        cmd = [sys.executable, "-m", module, "--out", str(work / name), "--seed", str(seed), *map(str, args)]
-        procs[name] = subprocess.Popen(cmd, env=env, cwd=EMBEDDED_DIR.parent, stdout=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", module, "--out", str(work / name), "--seed", str(seed), *map(str, args)]
+    return subprocess.Popen(cmd, env=env, cwd=EMBEDDED_DIR.parent, stdout=subprocess.PIPE, text=True)
+
+
+def finish(procs: dict[str, subprocess.Popen | None]) -> dict:
+    """Wait for launched jobs; their last output line is their log."""
     logs = {}
     for name, proc in procs.items():
+        if proc is None:
+            logs[name] = "resumed: already trained in _work"
+            continue
         stdout, _ = proc.communicate()
         if proc.returncode:
             raise RuntimeError(f"training the {name} failed (exit {proc.returncode}); see its output above")
         logs[name] = stdout.strip().splitlines()[-1]
     return logs
+
+
+def train_clip_and_vae(work: Path, sizes: BuildSizes, seed: int) -> dict:
+    """Train the judge's stage 1 and the VAE in two single-thread processes at once (in-process for smoke)."""
+    if not sizes.parallel:
+        return {
+            "clip": str(train_clip(work / "clip", sizes.clip_steps, sizes.clip_pool, seed=seed)),
+            "vae": str(train_vae(work / "vae", sizes.vae_steps, sizes.vae_pool, seed=seed)),
+        }
+    return finish(
+        {
+            "clip": launch(
+                work,
+                "clip",
+                "embedded.train_clip",
+                ["--steps", sizes.clip_steps, "--pool_size", sizes.clip_pool],
+                seed,
+            ),
+            "vae": launch(
+                work, "vae", "embedded.train_vae", ["--steps", sizes.vae_steps, "--pool_size", sizes.vae_pool], seed
+            ),
+        }
+    )
+
+
+def start_judge(work: Path, sizes: BuildSizes, seed: int) -> subprocess.Popen | dict | None:
+    """Stage 2 of the judge (deeper vision tower, frozen text tower): runs beside the UNet, one thread each."""
+    args = ["--stage1", work / "clip", "--steps", sizes.judge_steps, "--pool_size", sizes.judge_pool]
+    if not sizes.parallel:
+        return train_judge(work / "clip", work / "judge", sizes.judge_steps, sizes.judge_pool, seed=seed)
+    return launch(work, "judge", "embedded.train_judge", args, seed)
 
 
 def load_base_rows(folder: Path) -> tuple[torch.Tensor, list[str]]:
@@ -148,10 +184,13 @@ def clip_text_tower(clip: CLIPModel) -> CLIPTextModel:
     return text_encoder.eval().requires_grad_(False)
 
 
-def clean(out: Path) -> None:
-    """Remove the artifacts a previous build wrote (never the code), so a rebuild starts from nothing."""
+def clean(out: Path, resume: bool) -> None:
+    """Remove the artifacts a previous build wrote (never the code), so a rebuild starts from nothing.
+
+    With `resume`, the models an interrupted build already trained in `_work/` are kept and reused.
+    """
     for name in ARTIFACT_DIRS:
-        if (out / name).exists():
+        if (out / name).exists() and not (resume and name == "_work"):
             shutil.rmtree(out / name)
 
 
@@ -163,8 +202,9 @@ def assemble_pipeline(work: Path, out: Path, sizes: BuildSizes, seed: int) -> di
     images, captions = load_base_rows(out / "data" / "base")
     cache = build_cache(images, captions, vae, tokenizer, text_encoder)
     vae.register_to_config(scaling_factor=cache.scaling_factor)
-    unet, log = train_unet(make_unet(seed), make_train_scheduler(), cache, sizes.unet_steps, sizes.unet_batch,
-                           seed=seed)
+    unet, log = train_unet(
+        make_unet(seed), make_train_scheduler(), cache, sizes.unet_steps, sizes.unet_batch, seed=seed
+    )
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -183,8 +223,8 @@ def assemble_pipeline(work: Path, out: Path, sizes: BuildSizes, seed: int) -> di
 
 def save_clip(work: Path, out: Path) -> None:
     """Copy the trained judge (model, processor, tokenizer) to out/clip."""
-    model = CLIPModel.from_pretrained(work / "clip")
-    processor = CLIPProcessor.from_pretrained(work / "clip")
+    model = CLIPModel.from_pretrained(work / "judge")
+    processor = CLIPProcessor.from_pretrained(work / "judge")
     model.save_pretrained(out / "clip")
     processor.save_pretrained(out / "clip")
 
@@ -209,8 +249,9 @@ def measure(out: Path, sizes: BuildSizes, seed: int) -> dict:
         ),
     }
     rprec = {
-        name: pipeline_r_precision(pipe, model, processor, lines, sizes.seeds, sizes.images_per_seed,
-                                        sizes.inference_steps)
+        name: pipeline_r_precision(
+            pipe, model, processor, lines, sizes.seeds, sizes.images_per_seed, sizes.inference_steps
+        )
         for name, lines in prompts.items()
     }
     params = {
@@ -232,18 +273,21 @@ def du_bytes(folder: Path) -> int:
     return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
 
 
-def build(out: Path, sizes: BuildSizes, seed: int = 0, smoke: bool = False) -> dict:
+def build(out: Path, sizes: BuildSizes, seed: int = 0, smoke: bool = False, resume: bool = False) -> dict:
     """Run every step into `out`; return the report it also writes to out/build_report.json."""
     start = time.time()
     report: dict = {"command": REBUILD_COMMAND + (" --smoke" if smoke else ""), "seed": seed, "sizes": asdict(sizes)}
-    clean(out)
+    clean(out, resume)
     report["data"] = write_data(out, sizes, seed)
     log("data written; training CLIP and VAE", start)
     work = out / "_work"
     report["clip_vae_logs"] = train_clip_and_vae(work, sizes, seed)
     log(f"CLIP and VAE trained: {report['clip_vae_logs']}; training the UNet", start)
-    torch.set_num_threads(2)
+    judge = start_judge(work, sizes, seed)
+    torch.set_num_threads(1 if sizes.parallel else 2)  # the judge's stage 2 has the other core
     report["unet"] = assemble_pipeline(work, out, sizes, seed)
+    report["judge_log"] = judge if isinstance(judge, dict) else finish({"judge": judge})["judge"]
+    torch.set_num_threads(2)
     save_clip(work, out)
     report["train_seconds"] = time.time() - start
     log(f"pipeline saved: {report['unet']}; measuring", start)
@@ -267,10 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=EMBEDDED_DIR, help="where to write (default: embedded/)")
     parser.add_argument("--smoke", action="store_true", help="a few steps on tiny data, for tests")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="reuse models an interrupted build left in _work/")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
-    report = build(args.out, SMOKE if args.smoke else BuildSizes(), args.seed, args.smoke)
+    report = build(args.out, SMOKE if args.smoke else BuildSizes(), args.seed, args.smoke, args.resume)
     print(json.dumps(report["quality"], indent=2))
 
 

@@ -63,7 +63,10 @@ a miss. The judge is trained contrastively against all caption variants of all c
 
 - Tokenizer: `lorakit.tokenizer.build_clip_tokenizer(world words)`: each world word is one token; unknown
   words still tokenize byte by byte.
-- CLIP judge: ViT (4 px patches) + 2-layer text tower, 64 wide, {clip_params} parameters, {clip_steps} steps.
+- CLIP judge, {clip_params} parameters, 64 wide, in two stages. Stage 1 (`train_clip.py`, {clip_steps} steps):
+  a 2-layer ViT (4 px patches) and a 2-layer text tower trained jointly. Stage 2 (`train_judge.py`,
+  {judge_steps} steps, run beside the UNet): a fresh 4-layer ViT trained against stage 1's text tower, frozen,
+  so the judge tells shapes apart (stage 1 mostly learned colours) while judge and pipeline share one text tower.
 - VAE: `AutoencoderKL`, 32 px -> 4x8x8 latents, {vae_params} parameters, {vae_steps} steps;
   `scaling_factor` = 1/std of the base latents = {scaling_factor:.4f} (measured, stored in the config).
 - Text encoder: the judge's text tower as a frozen `CLIPTextModel` (cross-attention width 64).
@@ -73,8 +76,8 @@ a miss. The judge is trained contrastively against all caption variants of all c
   fp16 to fit the size budget; diffusers loads it as fp32.
 - Schedulers: DDPM (scaled-linear betas, 1000 steps) for training (`pipeline/train_scheduler/`; the
   sampler's config has the same betas); `DPMSolverMultistepScheduler` is the pipeline's sampler.
-- Build time: {build_minutes:.1f} min on 2 CPU cores ({train_minutes:.1f} min training); artifacts
-  {size_mb:.1f} MB on disk (du).
+- Build time: {build_minutes:.1f} min wall ({train_minutes:.1f} min training; {cpu_minutes:.1f} CPU-minutes) on 2
+  CPU cores shared with other jobs{resumed}; artifacts {size_mb:.1f} MB on disk (du).
 
 ## Measured quality
 
@@ -122,6 +125,7 @@ def write_readme(path: Path, report: dict) -> None:
         candidates=report["quality"]["candidates"],
         clip_params=f"{report['params']['clip']:,}",
         clip_steps=report["sizes"]["clip_steps"],
+        judge_steps=report["sizes"]["judge_steps"],
         vae_params=f"{report['params']['vae']:,}",
         vae_steps=report["sizes"]["vae_steps"],
         scaling_factor=unet["scaling_factor"],
@@ -130,6 +134,22 @@ def write_readme(path: Path, report: dict) -> None:
         unet_batch=unet["batch_size"],
         build_minutes=report["build_seconds"] / 60,
         train_minutes=report["train_seconds"] / 60,
+        cpu_minutes=report["build_cpu_seconds"] / 60,
+        resumed=", resumed (`--resume`) after stage-1 CLIP and VAE of an interrupted run"
+        if "resumed" in str(report["clip_vae_logs"])
+        else "",
         size_mb=report["artifact_bytes_du"] / 2**20,
     )
     path.write_text(text + _figures(report))
+
+
+def main() -> None:
+    """Re-render embedded/README.md from embedded/build_report.json (after a template change)."""
+    import json
+
+    folder = Path(__file__).resolve().parent
+    write_readme(folder / "README.md", json.loads((folder / "build_report.json").read_text()))
+
+
+if __name__ == "__main__":
+    main()

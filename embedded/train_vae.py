@@ -38,7 +38,9 @@ def train_vae(
     vae = make_vae(seed)
     concepts = world.base_concepts() + world.heldout_concepts() + world.adapter_concepts()
     images = torch.from_numpy(world.to_array([im for im, _, _ in world.sample(concepts, pool_size, seed=seed + 202)]))
-    val = torch.from_numpy(world.to_array([im for im, _, _ in world.sample(concepts, 256, seed=seed + 203)]))
+    val = torch.from_numpy(
+        world.to_array([im for im, _, _ in world.sample(concepts, min(256, pool_size), seed=seed + 203)])
+    )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps))
