@@ -14,7 +14,7 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,12 +27,23 @@ from lorakit import latent_cache, outputs
 from lorakit.card import resolve_license, write_model_card
 from lorakit.config import ConfigError, TrainConfig, parse_args
 from lorakit.data import CaptionedImageDataset, DataError, check_resolution, collate_examples, prepare_dataset
-from lorakit.hub import PushError, push_adapter, push_checkpoint
+from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
 from lorakit.params import count_parameters
-from lorakit.timing import NULL_TIMER, PhaseTimer
+from lorakit.run_state import (
+    StopRequest,
+    TrainingDivergedError,
+    TrainState,
+    check_finite,
+    current_fingerprint,
+    resume_if_asked,
+    save_training_state,
+    stop_requested,
+)
+from lorakit.timing import NULL_TIMER, PhaseTimer, timed_batches
 from lorakit.training import (
     Models,
+    apply_speed_options,
     attach_lora,
     check_8bit_adam_available,
     load_models,
@@ -45,32 +56,9 @@ from lorakit.training import (
     vae_scale_factor_from_config,
     weight_dtype_for,
 )
-from lorakit.validation import (
-    grid_as_array,
-    image_grid,
-    make_validation_pipeline,
-    render_validation_images,
-    save_png,
-)
+from lorakit.validation import run_validation
 
 logger = logging.getLogger("train_lora")
-# Under fp16 loss scaling a few overflowing steps are expected; the scaler skips them and backs off.
-FP16_NONFINITE_TOLERANCE = 8
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-@dataclass
-class TrainState:
-    """Where the run is: saved with every checkpoint so a resumed run continues at the exact batch."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    loss_history: list[dict[str, float]] = field(default_factory=list)
-    nonfinite_streak: int = 0
 
 
 @dataclass
@@ -82,22 +70,6 @@ class RunResult:
     text_encoder: torch.nn.Module
     state: TrainState
     latent_cache: dict | None = None
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits (pre-emption, Ctrl-C)."""
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore(self) -> None:
-        """Give the signals back to whoever handled them before (pytest, an embedding program)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
 
 
 def preflight(cfg: TrainConfig) -> None:
@@ -138,103 +110,6 @@ def make_dataloader(cfg: TrainConfig, dataset: torch.utils.data.Dataset) -> torc
     )
 
 
-def current_fingerprint(cfg: TrainConfig, dataset, caption_column: str, num_processes: int) -> dict:
-    """What must match between a checkpoint and the run that resumes from it."""
-    return {
-        "data": ckpt.data_fingerprint(dataset[caption_column], len(dataset)),
-        "train_batch_size": cfg.training.train_batch_size,
-        "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
-        "num_processes": num_processes,
-        "rank": cfg.lora.rank,
-        "lora_alpha": cfg.lora.lora_alpha,
-        "target_modules": list(cfg.lora.target_modules),
-        "train_text_encoder": cfg.lora.train_text_encoder,
-        "seed": cfg.training.seed,
-    }
-
-
-def resume_if_asked(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict) -> TrainState:
-    checkpoint_dir = ckpt.resolve_resume_dir(cfg.output.output_dir, cfg.training.resume_from_checkpoint)
-    if checkpoint_dir is None:
-        if cfg.training.resume_from_checkpoint == "latest":
-            accelerator.print("No checkpoint found in the output folder: starting a new run.")
-        return TrainState()
-    saved = ckpt.read_train_state(checkpoint_dir)
-    ckpt.check_compatible(saved["fingerprint"], fingerprint, checkpoint_dir)
-    accelerator.load_state(str(checkpoint_dir))
-    accelerator.print(f"Resumed from {checkpoint_dir} at step {saved['global_step']}.")
-    return TrainState(
-        global_step=saved["global_step"],
-        epoch=saved["epoch"],
-        batches_in_epoch=saved["batches_in_epoch"],
-        loss_history=saved["loss_history"][: saved["global_step"]],
-    )
-
-
-def save_training_state(cfg: TrainConfig, accelerator: Accelerator, state: TrainState, fingerprint: dict) -> Path:
-    payload = {
-        "global_step": state.global_step,
-        "epoch": state.epoch,
-        "batches_in_epoch": state.batches_in_epoch,
-        "loss_history": state.loss_history,
-        "fingerprint": fingerprint,
-    }
-    where = ckpt.save_checkpoint(
-        accelerator, cfg.output.output_dir, state.global_step, payload, cfg.training.checkpoints_total_limit
-    )
-    if cfg.output.hub_push_checkpoints and accelerator.is_main_process:
-        try:  # a failed checkpoint upload must not cost the run: warn and train on
-            push_checkpoint(where, cfg.output.hub_model_id or Path(cfg.output.output_dir).name, state.global_step)
-        except PushError as error:
-            logger.warning("Checkpoint %s was saved locally but not pushed: %s", where.name, error)
-    return where
-
-
-def check_finite(loss: float, state: TrainState, cfg: TrainConfig, mixed_precision: str) -> None:
-    """Stop with a clear message when the loss diverges (a few fp16 overflow steps are tolerated)."""
-    if math.isfinite(loss):
-        state.nonfinite_streak = 0
-        return
-    state.nonfinite_streak += 1
-    if mixed_precision == "fp16" and state.nonfinite_streak <= FP16_NONFINITE_TOLERANCE:
-        return
-    checkpoints = ckpt.list_checkpoints(cfg.output.output_dir)
-    last_good = str(checkpoints[-1]) if checkpoints else "none (use --checkpointing_steps to keep some)"
-    raise TrainingDivergedError(
-        f"The loss became {loss} at step {state.global_step}. Last good checkpoint: {last_good}. "
-        "Lower --learning_rate, use --mixed_precision bf16 or no, then resume with --resume_from_checkpoint."
-    )
-
-
-def run_validation(cfg, accelerator: Accelerator, run: Run, step: int, final: bool) -> list[dict]:
-    """Render the validation prompts with fixed seeds, save a PNG grid, log it to the trackers."""
-    if not cfg.validation.validation_prompt:
-        return []
-    pipe = make_validation_pipeline(
-        run.models,
-        accelerator.unwrap_model(run.unet),
-        accelerator.unwrap_model(run.text_encoder),
-        cfg.model.pretrained_model_name_or_path,
-        cfg.model.revision,
-    )
-    rows = render_validation_images(pipe, cfg.validation, cfg.data.resolution, accelerator.device)
-    grid = image_grid(rows, labels=cfg.validation.validation_prompt)
-    out = Path(cfg.output.output_dir)
-    save_png(grid, out / outputs.VALIDATION_DIR / f"step-{step:06d}.png")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image("validation", grid_as_array(grid), step, dataformats="HWC")
-    if not final:
-        return []
-    save_png(grid, out / outputs.VALIDATION_GRID_FILE)
-    entries = []
-    for index, (prompt, row) in enumerate(zip(cfg.validation.validation_prompt, rows, strict=True)):
-        relative = f"{outputs.VALIDATION_DIR}/final/{index:02d}.png"
-        save_png(row[0], out / relative)
-        entries.append({"prompt": prompt, "image": relative})
-    return entries
-
-
 def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | None = None) -> RunResult:
     """The whole run: checks, data, models, LoRA, loop, outputs. `timer` (bench) splits each step's time."""
     started = time.time()
@@ -248,7 +123,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
         run = set_up(cfg, accelerator, rows, image_column, caption_column)
         state = resume_if_asked(cfg, accelerator, run.fingerprint)
         if accelerator.is_main_process:
-            accelerator.init_trackers("lora", config=flat_scalars(cfg))
+            accelerator.init_trackers("lora", config=cfg.flat_scalars())
             outputs.write_training_config(cfg.output.output_dir, cfg)
         accelerator.print(
             f"{len(rows)} samples, {run.total_steps} steps, {run.lora_parameters:,} LoRA parameters, "
@@ -335,31 +210,6 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, 
     )
 
 
-def apply_speed_options(cfg: TrainConfig, models: Models) -> None:
-    """Memory/speed levers, each behind its flag (measured by `python -m bench train`)."""
-    if cfg.training.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-    if cfg.training.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if cfg.training.channels_last:
-        models.unet.to(memory_format=torch.channels_last)
-    if cfg.training.compile:
-        models.unet.compile()  # in place: parameter names and saved keys stay those of the plain module
-
-
-def timed_batches(loader, timer: PhaseTimer):
-    """Yield batches, charging the time spent waiting for each to the data_wait phase."""
-    iterator = iter(loader)
-    while True:
-        waited = time.perf_counter()
-        batch = next(iterator, None)
-        timer.add("data_wait", time.perf_counter() - waited)
-        if batch is None:
-            return
-        yield batch
-
-
 def train_loop(cfg, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, timer, argv) -> None:
     """Epochs of optimizer steps; resumes at the exact batch; checkpoints, validates, stops on request."""
     progress = tqdm(
@@ -423,7 +273,7 @@ def after_optimizer_step(
         save_training_state(cfg, accelerator, state, run.fingerprint)
     if cfg.validation.validation_steps and state.global_step % cfg.validation.validation_steps == 0:
         if accelerator.is_main_process:
-            run_validation(cfg, accelerator, run, state.global_step, final=False)
+            run_validation(cfg, accelerator, run.models, run.unet, run.text_encoder, state.global_step, final=False)
 
 
 def stop_and_exit(cfg, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, argv) -> None:
@@ -437,26 +287,6 @@ def stop_and_exit(cfg, accelerator: Accelerator, run: Run, state: TrainState, st
     raise SystemExit(128 + signal.Signals[stop.signal_name or "SIGTERM"].value)
 
 
-def stop_requested(accelerator: Accelerator, stop: StopRequest) -> bool:
-    """True on every process when any process got SIGTERM/SIGINT (they must stop at the same step)."""
-    flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flag = accelerator.reduce(flag, reduction="sum")
-        if flag.item() > 0 and stop.signal_name is None:
-            stop.signal_name = "SIGTERM"
-    return flag.item() > 0
-
-
-def flat_scalars(cfg: TrainConfig) -> dict:
-    """Hyper-parameters TensorBoard can show (scalars and strings only)."""
-    flat = {}
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            if isinstance(value, (int, float, str, bool)):
-                flat[f"{section}/{key}"] = value
-    return flat
-
-
 def finish(cfg, accelerator: Accelerator, run: Run, state: TrainState, num_samples: int, started: float, argv) -> Path:
     """Save the adapter and everything the card, docs and Hub need; main process only."""
     out = Path(cfg.output.output_dir)
@@ -464,7 +294,9 @@ def finish(cfg, accelerator: Accelerator, run: Run, state: TrainState, num_sampl
     if accelerator.is_main_process:
         text_encoder_to_save = accelerator.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
         adapter = outputs.save_adapter_atomic(out, accelerator.unwrap_model(run.unet), text_encoder_to_save)
-        validation = run_validation(cfg, accelerator, run, state.global_step, final=True)
+        validation = run_validation(
+            cfg, accelerator, run.models, run.unet, run.text_encoder, state.global_step, final=True
+        )
         outputs.write_loss_history(out, state.loss_history)
         outputs.plot_loss_curve(out, state.loss_history)
         outputs.write_summary(

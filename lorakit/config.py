@@ -283,6 +283,15 @@ class TrainConfig:
         """Nested plain dict by section (what `training_config.yaml` holds)."""
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
+    def flat_scalars(self) -> dict[str, Any]:
+        """Hyper-parameters TensorBoard can show: `section/key` -> scalar or string."""
+        return {
+            f"{section}/{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+            if isinstance(value, (int, float, str, bool))
+        }
+
 
 def _field_owner() -> dict[str, str]:
     owners = {}

@@ -49,4 +49,16 @@ class PhaseTimer:
         return {name: self.seconds.get(name, 0.0) / steps for name in PHASES}
 
 
+def timed_batches(loader, timer: PhaseTimer):
+    """Yield batches, charging the time spent waiting for each to the data_wait phase."""
+    iterator = iter(loader)
+    while True:
+        waited = time.perf_counter()
+        batch = next(iterator, None)
+        timer.add("data_wait", time.perf_counter() - waited)
+        if batch is None:
+            return
+        yield batch
+
+
 NULL_TIMER = PhaseTimer(enabled=False)

@@ -246,3 +246,16 @@ def training_loss(
         model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     target = diffusion_target(models.noise_scheduler, latents, noise, timesteps)
     return diffusion_loss(model_pred, target, timesteps, models.noise_scheduler, training.snr_gamma)
+
+
+def apply_speed_options(cfg: TrainConfig, models: Models) -> None:
+    """Memory/speed levers, each behind its flag (measured by `python -m bench train`)."""
+    if cfg.training.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+    if cfg.training.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.training.channels_last:
+        models.unet.to(memory_format=torch.channels_last)
+    if cfg.training.compile:
+        models.unet.compile()  # in place: parameter names and saved keys stay those of the plain module

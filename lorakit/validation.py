@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from lorakit.atomic import atomic_write_bytes
-from lorakit.config import ValidationArgs
+from lorakit.config import TrainConfig, ValidationArgs
+from lorakit.outputs import VALIDATION_DIR, VALIDATION_GRID_FILE
 from lorakit.training import Models
 
 
@@ -90,3 +92,34 @@ def save_png(image: Image.Image, path: Path) -> Path:
 def grid_as_array(image: Image.Image) -> np.ndarray:
     """HWC uint8 array (what TensorBoard's add_image with dataformats='HWC' takes)."""
     return np.asarray(image.convert("RGB"))
+
+
+def run_validation(
+    cfg: TrainConfig, accelerator: Accelerator, models: Models, unet, text_encoder, step: int, final: bool
+) -> list[dict]:
+    """Render the validation prompts with fixed seeds, save a PNG grid, log it to the trackers."""
+    if not cfg.validation.validation_prompt:
+        return []
+    pipe = make_validation_pipeline(
+        models,
+        accelerator.unwrap_model(unet),
+        accelerator.unwrap_model(text_encoder),
+        cfg.model.pretrained_model_name_or_path,
+        cfg.model.revision,
+    )
+    rows = render_validation_images(pipe, cfg.validation, cfg.data.resolution, accelerator.device)
+    grid = image_grid(rows, labels=cfg.validation.validation_prompt)
+    out = Path(cfg.output.output_dir)
+    save_png(grid, out / VALIDATION_DIR / f"step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", grid_as_array(grid), step, dataformats="HWC")
+    if not final:
+        return []
+    save_png(grid, out / VALIDATION_GRID_FILE)
+    entries = []
+    for index, (prompt, row) in enumerate(zip(cfg.validation.validation_prompt, rows, strict=True)):
+        relative = f"{VALIDATION_DIR}/final/{index:02d}.png"
+        save_png(row[0], out / relative)
+        entries.append({"prompt": prompt, "image": relative})
+    return entries
