@@ -29,6 +29,7 @@ from lorakit.config import ConfigError, TrainConfig, parse_args
 from lorakit.data import CaptionedImageDataset, DataError, check_resolution, collate_examples, prepare_dataset
 from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
+from lorakit.lora import ADAPTER_WEIGHT_NAME
 from lorakit.params import count_parameters
 from lorakit.run_state import (
     StopRequest,
@@ -78,6 +79,10 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.training.use_8bit_adam:
         check_8bit_adam_available()
     check_resolution(cfg.data.resolution, vae_scale_factor_from_config(cfg.model))
+    if cfg.lora.init_adapter and not (Path(cfg.lora.init_adapter) / ADAPTER_WEIGHT_NAME).is_file():
+        raise ConfigError(
+            f"--init_adapter {cfg.lora.init_adapter} has no {ADAPTER_WEIGHT_NAME}: point it at a finished run's folder."
+        )
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
