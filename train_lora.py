@@ -81,7 +81,7 @@ def preflight(cfg: TrainConfig) -> None:
     check_resolution(cfg.data.resolution, vae_scale_factor_from_config(cfg.model))
     if cfg.lora.init_adapter and not (Path(cfg.lora.init_adapter) / ADAPTER_WEIGHT_NAME).is_file():
         raise ConfigError(
-            f"--init_adapter {cfg.lora.init_adapter} has no {ADAPTER_WEIGHT_NAME}: point it at a finished run's folder."
+            f"--init_adapter {cfg.lora.init_adapter} has no {ADAPTER_WEIGHT_NAME}: point it at a finished run folder."
         )
 
 
