@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from eval.card import card_metrics
+from eval.card import card_metrics, update_card
 from eval.generate import Generated, GenerationSettings, generate, native_resolution, warm_up
 from eval.models import adapter_state_dict, attach_adapter, check_adapter_fits, load_clip, load_pipeline
 from eval.prompts import PromptSet, candidate_prompts, load_prompt_sets
@@ -78,29 +78,12 @@ def _slices(prompt_sets: list[PromptSet], num_seeds: int) -> list[slice]:
     return slices
 
 
-def evaluate(options: EvalOptions) -> dict:
-    """Run the whole evaluation and write the report; returns the results dict (as in eval_results.json)."""
-    # Cheap checks first: prompt files, CLIP, base, adapter shapes; only then generation.
-    prompt_sets = load_prompt_sets(options.prompts)
-    candidates = candidate_prompts(prompt_sets, options.candidates, options.candidate_texts)
-    clip = load_clip(options.clip_model, options.device)
-    dtype = torch.float16 if options.device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(options.base, options.device, dtype)
-    state_dict = adapter_state_dict(options.lora)
-    check_adapter_fits(state_dict, pipe, options.base, options.lora)
-
-    counts = pipeline_parameter_counts(pipe.unet, pipe.text_encoder, pipe.vae).to_dict()
-    lora_count = lora_values(state_dict)
-    settings = options.generation
-    prompts = [prompt for prompt_set in prompt_sets for prompt in prompt_set.prompts]
-
-    warm_up(pipe, settings)
-    base = generate(pipe, prompts, settings, label="base")
-    attach_adapter(pipe, options.lora, options.base)  # same pipeline object: no second copy of the base
-    adapted = generate(pipe, prompts, settings, label="base + LoRA")
-
+def score_prompt_sets(
+    prompt_sets: list[PromptSet], base: Generated, adapted: Generated, candidates: list[str], clip: tuple
+) -> list[dict]:
+    """One report row per prompt set: CLIP score and R-precision of base and adapter images."""
     rows = []
-    for prompt_set, where in zip(prompt_sets, _slices(prompt_sets, len(settings.seeds)), strict=True):
+    for prompt_set, where in zip(prompt_sets, _slices(prompt_sets, len(set(base.seeds))), strict=True):
         set_prompts = base.prompts[where]
         rows.append(
             {
@@ -112,7 +95,55 @@ def evaluate(options: EvalOptions) -> dict:
                 "adapter": score_set(adapted.images[where], set_prompts, candidates, clip),
             }
         )
+    return rows
+
+
+def parameter_report(pipe, state_dict: dict[str, torch.Tensor], lora: str) -> dict:
+    """Base component counts, LoRA counts (all, UNet, text encoder), LoRA share of the UNet, adapter bytes."""
+    counts = pipeline_parameter_counts(pipe.unet, pipe.text_encoder, pipe.vae).to_dict()
+    return {
+        **counts,
+        "lora": lora_values(state_dict),
+        "lora_unet": lora_values(state_dict, "unet."),
+        "lora_text_encoder": lora_values(state_dict, "text_encoder."),
+        "lora_share_of_unet": lora_values(state_dict, "unet.") / counts["unet"],
+        "adapter_file_bytes": adapter_file_bytes(lora),
+    }
+
+
+def settings_report(settings: GenerationSettings, pipe, device: str) -> dict:
+    """The generation settings as actually used (resolution filled in), with scheduler, device and dtype."""
     size = native_resolution(pipe)
+    return {
+        **asdict(settings),
+        "seeds": list(settings.seeds),
+        "height": settings.height or size,
+        "width": settings.width or size,
+        "scheduler": type(pipe.scheduler).__name__,
+        "device": device if device != "cpu" else f"cpu ({platform.machine()})",
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+    }
+
+
+def evaluate(options: EvalOptions) -> dict:
+    """Run the whole evaluation and write the report; returns the results dict (as in eval_results.json)."""
+    # Cheap checks first: prompt files, CLIP, base, adapter shapes; only then generation.
+    prompt_sets = load_prompt_sets(options.prompts)
+    candidates = candidate_prompts(prompt_sets, options.candidates, options.candidate_texts)
+    clip = load_clip(options.clip_model, options.device)
+    dtype = torch.float16 if options.device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(options.base, options.device, dtype)
+    state_dict = adapter_state_dict(options.lora)
+    check_adapter_fits(state_dict, pipe, options.base, options.lora)
+    parameters = parameter_report(pipe, state_dict, options.lora)  # before LoRA layers are attached
+
+    settings = options.generation
+    prompts = [prompt for prompt_set in prompt_sets for prompt in prompt_set.prompts]
+    warm_up(pipe, settings)
+    base = generate(pipe, prompts, settings, label="base")
+    attach_adapter(pipe, options.lora, options.base)  # same pipeline object: no second copy of the base
+    adapted = generate(pipe, prompts, settings, label="base + LoRA")
+
     results = {
         "base": options.base,
         "lora": options.lora,
@@ -120,24 +151,9 @@ def evaluate(options: EvalOptions) -> dict:
         "num_candidates": len(candidates),
         "candidates_file": options.candidates,
         "candidates": candidates,
-        "settings": {
-            **asdict(settings),
-            "seeds": list(settings.seeds),
-            "height": settings.height or size,
-            "width": settings.width or size,
-            "scheduler": type(pipe.scheduler).__name__,
-            "device": options.device if options.device != "cpu" else f"cpu ({platform.machine()})",
-            "dtype": str(dtype).replace("torch.", ""),
-        },
-        "prompt_sets": rows,
-        "parameters": {
-            **counts,
-            "lora": lora_count,
-            "lora_unet": lora_values(state_dict, "unet."),
-            "lora_text_encoder": lora_values(state_dict, "text_encoder."),
-            "lora_share_of_unet": lora_values(state_dict, "unet.") / counts["unet"],
-            "adapter_file_bytes": adapter_file_bytes(options.lora),
-        },
+        "settings": settings_report(settings, pipe, options.device),
+        "prompt_sets": score_prompt_sets(prompt_sets, base, adapted, candidates, clip),
+        "parameters": parameters,
         "timing": {
             "base_seconds_per_image": base.seconds_per_image,
             "adapter_seconds_per_image": adapted.seconds_per_image,
@@ -149,8 +165,6 @@ def evaluate(options: EvalOptions) -> dict:
     results["source"] = options.command or "python -m eval"
     write_report(results, comparison_grid(*_first_seed(base, adapted, len(settings.seeds))), options.output_dir)
     if options.update_card:
-        from eval.card import update_card
-
         update_card(options.update_card, results)
     return results
 
