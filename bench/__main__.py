@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"Cases to run (default on CPU: {' '.join(CPU_CASES)}; on a GPU: gpu).")
     train.add_argument("--model", type=Path, default=None,
                        help="Use this diffusers folder instead of the BK-SDM-Tiny architecture (quick checks).")
+    train.add_argument("--embedded", type=Path, default=None,
+                       help="A pipeline of the embedded architecture to use instead of embedded/pipeline.")
     generate = commands.add_parser("generate", help="Seconds per image with the Space's code, and its cold start.")
     generate.add_argument("--base", default=None, help="Base pipeline (default: the Space's default).")
     generate.add_argument("--adapter", default=None, help="LoRA adapter (default: the Space's default).")
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         def save(records: list[dict], checks: dict) -> None:
             write_results(out, "train", args.short, argv, {"cases": records, "checks": checks}, machine)
 
-        run_train_bench(names, args.work_dir, args.short, args.model, on_record=save)
+        run_train_bench(names, args.work_dir, args.short, args.model, on_record=save, embedded=args.embedded)
     else:
         from bench.generate import default_models, run_generate_bench
 

@@ -210,12 +210,16 @@ def default_models(base: str | None, adapter: str | None, work_dir: Path) -> tup
 
 
 def one_step_adapter(base: str, work_dir: Path) -> str:
-    """Train one step with the real trainer: a correctly shaped adapter for timing (its content is irrelevant)."""
+    """Train one step with the real trainer and the default preset's LoRA settings (rank, target modules).
+
+    A correctly shaped adapter for timing; its content is irrelevant to speed.
+    """
     from accelerate.state import AcceleratorState
 
     import train_lora
     from bench.data import make_image_folder
     from lorakit.config import parse_args
+    from lorakit.paths import SHAPES_PRESET
 
     out = work_dir / "generate-adapter" / Path(base).name
     if (out / "pytorch_lora_weights.safetensors").is_file():
@@ -223,7 +227,8 @@ def one_step_adapter(base: str, work_dir: Path) -> str:
     data = make_image_folder(work_dir / "data-png-64-4", 4, 64)
     AcceleratorState._reset_state(reset_partial_state=True)
     train_lora.train(parse_args([
-        "--pretrained_model_name_or_path", base, "--train_data_dir", str(data), "--resolution", "64",
+        "--config", str(SHAPES_PRESET), "--pretrained_model_name_or_path", base, "--train_data_dir", str(data),
+        "--resolution", "64", "--train_batch_size", "1",
         "--max_train_steps", "1", "--output_dir", str(out), "--overwrite_output_dir", "--report_to", "none",
         "--validation_prompt",
     ]))

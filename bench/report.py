@@ -35,8 +35,8 @@ interleaved where it matters), so a busy machine shifts all of them alike.
 How to reproduce:
 
 ```bash
-OMP_NUM_THREADS=2 python -m bench train      # CPU cases: embedded default, BK-SDM-Tiny, large JPEGs, --cache_latents
-OMP_NUM_THREADS=2 python -m bench generate   # the Space's code: schedulers, fused/unfused LoRA, precision, cold start
+OMP_NUM_THREADS=1 python -m bench train      # CPU cases: embedded default, BK-SDM-Tiny, large JPEGs, --cache_latents
+OMP_NUM_THREADS=1 python -m bench generate   # the Space's code: schedulers, fused/unfused LoRA, precision, cold start
 bash bench/gpu.sh                            # on a CUDA machine: BK-SDM-Tiny 512 px bf16, batch 1/4/8, +-compile
 python -m bench report                       # re-render this page
 ```
@@ -44,7 +44,8 @@ python -m bench report                       # re-render this page
 `--short` runs a few steps of each case (CI runs it through `tests/test_bench.py`, so the bench cannot rot);
 the full mode is what produced the tables below. The CPU figures come from a small shared virtual machine:
 other jobs ran beside the bench, so each table states the 1-minute load average at the start and end of its
-run and the `OMP_NUM_THREADS` it used; read the ratios, not the absolute seconds.
+run and the `OMP_NUM_THREADS` it used; read the ratios, not the absolute seconds. The CPU runs use one
+thread (`OMP_NUM_THREADS=1`): with other jobs on both cores, two threads ran slower than one.
 
 Step times drop the first step (lazy initialisation; three
 steps under `--compile`). *Start-up* is the time from calling `train()` to the first batch request (model

@@ -16,7 +16,7 @@ from bench.data import make_image_folder
 from bench.machine import PeakMemory, load_average
 from bench.timer import StepStampTimer
 from lorakit.config import parse_args
-from lorakit.paths import BK_SDM_TINY_REFERENCE, EMBEDDED_PIPELINE
+from lorakit.paths import BK_SDM_TINY_REFERENCE, EMBEDDED_PIPELINE, SHAPES_PRESET
 from lorakit.reference import build_reference_pipeline
 from lorakit.timing import PHASES
 
@@ -48,12 +48,16 @@ def reference_pipeline(work_dir: Path) -> Path:
     return target
 
 
-def require_embedded() -> None:
+def embedded_flags(pipeline: Path | None) -> list[str]:
+    """The default preset as is, or with its pipeline replaced by `pipeline` (same architecture, other weights)."""
+    if pipeline is not None:
+        return ["--config", str(SHAPES_PRESET), "--pretrained_model_name_or_path", str(pipeline)]
     if not (EMBEDDED_PIPELINE / "model_index.json").is_file():
         raise SystemExit(
-            f"The embedded pipeline {EMBEDDED_PIPELINE} is missing: build it with `python -m embedded.build` "
-            "or leave out the 'embedded' case."
+            f"The embedded pipeline {EMBEDDED_PIPELINE} is missing: build it with `python -m embedded.build`, "
+            "pass --embedded DIR (a pipeline of the same architecture), or leave out the embedded cases."
         )
+    return []
 
 
 def run_case(case: TrainCase, work_dir: Path) -> dict:
@@ -135,15 +139,16 @@ def epoch_windows(timer: StepStampTimer, steps_per_epoch: int, warmup: int, batc
 # ---- cases -------------------------------------------------------------------------------------------------------
 
 
-def embedded_case(short: bool) -> TrainCase:
+def embedded_case(short: bool, pipeline: Path | None = None) -> TrainCase:
     """The embedded default exactly as `train_lora.py` with no arguments (configs/shapes.yaml), capped in steps."""
-    require_embedded()
-    cfg = parse_args([])
+    base = embedded_flags(pipeline)
+    cfg = parse_args(base)
     steps = 4 if short else 30
+    where = "" if pipeline is None else f"; pipeline {pipeline.name} (same architecture, other weights)"
     return TrainCase(
         name="embedded-default",
-        description="embedded default (configs/shapes.yaml), default data settings",
-        flags=["--max_train_steps", str(steps)],
+        description=f"embedded default (configs/shapes.yaml), default data settings{where}",
+        flags=[*base, "--max_train_steps", str(steps)],
         batch_size=cfg.training.train_batch_size,
         resolution=cfg.data.resolution,
     )
@@ -187,10 +192,10 @@ def jpeg_case(model: Path, work_dir: Path, short: bool, resolution: int = 64, ba
     )
 
 
-def jpeg_workers_cases(work_dir: Path, short: bool) -> list[TrainCase]:
+def jpeg_workers_cases(work_dir: Path, short: bool, pipeline: Path | None = None) -> list[TrainCase]:
     """The data-loading levers where they matter: a fast model (the embedded one) fed 1024 px JPEGs."""
-    require_embedded()
-    cfg = parse_args([])
+    base = embedded_flags(pipeline)
+    cfg = parse_args(base)
     count = 24 if short else 64
     data = make_image_folder(work_dir / f"data-jpeg-1024-{count}", count, 1024, fmt="jpeg")
     steps = math.ceil(count / cfg.training.train_batch_size)  # one epoch: worker start-up is paid once
@@ -202,7 +207,7 @@ def jpeg_workers_cases(work_dir: Path, short: bool) -> list[TrainCase]:
         TrainCase(
             name=f"jpeg-embedded-{key}",
             description=f"embedded default fed {count} JPEGs of 1024 px, {description}",
-            flags=["--train_data_dir", str(data), "--max_train_steps", str(steps), *flags],
+            flags=[*base, "--train_data_dir", str(data), "--max_train_steps", str(steps), *flags],
             batch_size=cfg.training.train_batch_size, resolution=cfg.data.resolution, group="data-loading",
         )
         for key, (description, flags) in settings.items()
@@ -254,14 +259,17 @@ def gpu_cases(
     return cases
 
 
-def make_cases(names: list[str], work_dir: Path, short: bool, model: Path | None = None) -> list[TrainCase]:
-    """The named cases; `model` replaces the BK-SDM-Tiny architecture (tests pass a tiny pipeline)."""
+def make_cases(
+    names: list[str], work_dir: Path, short: bool, model: Path | None = None, embedded: Path | None = None
+) -> list[TrainCase]:
+    """The named cases; `model` replaces the BK-SDM-Tiny architecture (tests pass a tiny pipeline), `embedded`
+    the embedded pipeline."""
     reference = lambda: model or reference_pipeline(work_dir)  # noqa: E731  built only when a case needs it
     builders = {
-        "embedded": lambda: [embedded_case(short)],
+        "embedded": lambda: [embedded_case(short, embedded)],
         "bk-sdm-tiny": lambda: [bk_sdm_tiny_case(reference(), work_dir, short)],
         "jpeg": lambda: [jpeg_case(reference(), work_dir, short)],
-        "jpeg-workers": lambda: jpeg_workers_cases(work_dir, short),
+        "jpeg-workers": lambda: jpeg_workers_cases(work_dir, short, embedded),
         "cache": lambda: cache_cases(reference(), work_dir, short),
         "gpu": lambda: gpu_cases(reference(), work_dir, short),
     }
@@ -333,7 +341,8 @@ def latent_cache_dir(flags: list[str]) -> Path | None:
 
 
 def run_train_bench(
-    names: list[str], work_dir: Path, short: bool, model: Path | None = None, on_record=None
+    names: list[str], work_dir: Path, short: bool, model: Path | None = None, on_record=None,
+    embedded: Path | None = None,
 ) -> tuple[list[dict], dict]:
     """Every requested case in this process, in order; returns the records and the acceptance checks.
 
@@ -341,7 +350,7 @@ def run_train_bench(
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    for case in make_cases(names, work_dir, short, model):
+    for case in make_cases(names, work_dir, short, model, embedded):
         cache_dir = latent_cache_dir(case.flags)
         before = cache_files(cache_dir) if cache_dir else {}
         print(f"[bench] {case.name}: {case.description}", flush=True)
