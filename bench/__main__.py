@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-cold_start", dest="cold_start", action="store_false",
                           help="Skip the Space cold-start measurement.")
     for sub in (train, generate):
+        sub.add_argument("--note", default=None, help="A sentence stored with the results and shown in the docs.")
         sub.add_argument("--short", action="store_true", help="A few steps only (CI): checks the bench still runs.")
         sub.add_argument("--out", type=Path, default=None,
                          help="Result JSON (default: bench/results/<kind>-<device>.json).")
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or RESULTS_DIR / f"train-{suffix}.json"
 
         def save(records: list[dict], checks: dict) -> None:
-            write_results(out, "train", args.short, argv, {"cases": records, "checks": checks}, machine)
+            payload = {"cases": records, "checks": checks, "note": args.note}
+            write_results(out, "train", args.short, argv, payload, machine)
 
         run_train_bench(names, args.work_dir, args.short, args.model, on_record=save, embedded=args.embedded)
     else:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         base, adapter = default_models(args.base, args.adapter, args.work_dir)
         result = run_generate_bench(base, adapter, device, args.steps, args.short, args.work_dir, args.cold_start)
         out = args.out or RESULTS_DIR / f"generate-{suffix}.json"
-        write_results(out, "generate", args.short, argv, result, machine)
+        write_results(out, "generate", args.short, argv, {**result, "note": args.note}, machine)
     print(f"Wrote {out}")
     return 0
 

@@ -129,7 +129,7 @@ def run_generate_bench(base: str, adapter: str, device: str, steps: int | None, 
     pndm_steps = 50
     if short:
         steps, pndm_steps = min(steps, 4), 8
-    repeats = 1 if short else 3
+    repeats = 1 if short else 5
     prompt = app.load_examples()[0]
     low_dtype = torch.float16 if device == "cuda" else torch.bfloat16
     full_dtype = torch.float16 if device == "cuda" else torch.float32

@@ -89,6 +89,10 @@ def machine_line(document: dict) -> str:
     )
 
 
+def note_lines(document: dict) -> list[str]:
+    return [f"Note: {document['note']}", ""] if document.get("note") else []
+
+
 def train_table(cases: list[dict]) -> str:
     header = ["case", "batch", "px", "s/step", "images/s", "start-up s", "first step s",
               *[PHASE_LABELS[p] for p in PHASES], "other", "peak RSS MiB", "peak CUDA MiB"]
@@ -168,7 +172,7 @@ def train_section(document: dict) -> str:
     title = "GPU" if document["machine"].get("gpu") else "CPU"
     main = [c for c in document["cases"] if c.get("group") != "cache_latents"]
     checks = document.get("checks", {})
-    parts = [f"## Training ({title})", "", machine_line(document), ""]
+    parts = [f"## Training ({title})", "", machine_line(document), "", *note_lines(document)]
     if main:
         parts += [train_table(main), "", case_notes(main), ""]
     if "embedded_data_wait_share" in checks:
@@ -205,7 +209,7 @@ def generate_section(document: dict) -> str:
     r = document["ratios"]
     cold = document.get("space_cold_start")
     parts = [
-        f"## Generation ({device.upper()})", "", machine_line(document), "",
+        f"## Generation ({device.upper()})", "", machine_line(document), "", *note_lines(document),
         f"Base `{shown_path(document['base_model'])}`, adapter `{shown_path(document['adapter'])}`, "
         f"{document['image_px']} px images, "
         f"{document['dtype']}, guidance 7.5, prompt \"{document['prompt']}\", median of {document['repeats']} "
@@ -286,6 +290,8 @@ steps) writes `bench/results/train-gpu.json` and `bench/results/generate-gpu.jso
 def render(documents: list[dict]) -> str:
     """The whole page from the full-mode result documents."""
     documents = [d for d in documents if d.get("mode") == "full"]
+    # Training before generation, CPU before GPU: the page reads from the trainer to the demo.
+    documents.sort(key=lambda d: (d["kind"] != "train", bool(d["machine"].get("gpu"))))
     parts = [INTRO]
     for d in documents:
         parts.append(train_section(d) if d["kind"] == "train" else generate_section(d))
