@@ -6,6 +6,8 @@
 #
 #   bash bench/gpu.sh            # from the repository root, on a machine with a CUDA GPU
 #
+# BK-SDM-Tiny configs: ../shared/reference/bk-sdm-tiny, or the folder named by $BK_SDM_TINY_CONFIGS (copy the
+# four *_config.json files along when only the repository travels to the GPU machine).
 # Packages: torch must be there. Anything else missing from requirements.txt (diffusers, datasets, gradio...)
 # is installed from wheels in .whl/ (make them with `bash bench/gpu_wheels.sh` on a machine with pip access).
 set -euo pipefail
@@ -32,6 +34,12 @@ if ! "$PY" -c "import diffusers, datasets, transformers, peft, accelerate, gradi
   fi
 fi
 "$PY" -c "import torch; print('[gpu.sh]', torch.__version__, torch.cuda.get_device_name(0))"
+CONFIGS=${BK_SDM_TINY_CONFIGS:-../shared/reference/bk-sdm-tiny}
+if [ ! -f "$CONFIGS/unet_config.json" ]; then
+  echo "error: no BK-SDM-Tiny configs in $CONFIGS: set BK_SDM_TINY_CONFIGS to the folder of its *_config.json." >&2
+  exit 2
+fi
+export BK_SDM_TINY_CONFIGS=$CONFIGS
 
 # Training: 6 runs (eager, then compiled); each stage has its own time limit so one slow compile cannot eat
 # the whole budget; results are written after every run, so a stage cut short still leaves its figures.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +42,20 @@ class TrainCase:
 
 
 def reference_pipeline(work_dir: Path) -> Path:
-    """BK-SDM-Tiny's architecture with random weights, built once (~40 s, 2 GB) and kept in `work_dir`."""
+    """BK-SDM-Tiny's architecture with random weights, built once (~40 s, 2 GB) and kept in `work_dir`.
+
+    The configs come from ../shared/reference/bk-sdm-tiny, or from $BK_SDM_TINY_CONFIGS where that folder is
+    absent (a GPU machine that received only the repository).
+    """
     target = work_dir / "bk-sdm-tiny"
     if not (target / "model_index.json").is_file():
-        build_reference_pipeline(BK_SDM_TINY_REFERENCE, target)
+        configs = Path(os.environ.get("BK_SDM_TINY_CONFIGS") or BK_SDM_TINY_REFERENCE)
+        if not (configs / "unet_config.json").is_file():
+            raise SystemExit(
+                f"No BK-SDM-Tiny configs in {configs}: set BK_SDM_TINY_CONFIGS to a folder with "
+                "unet_config.json, vae_config.json, text_encoder_config.json and scheduler_config.json."
+            )
+        build_reference_pipeline(configs, target)
     return target
 
 
