@@ -35,7 +35,7 @@ from docgen import sources as src  # noqa: E402
 from embedded import world  # noqa: E402
 from embedded.dataset import write_imagefolder  # noqa: E402
 from lorakit.atomic import atomic_write_json  # noqa: E402
-from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS  # noqa: E402
+from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS  # noqa: E402
 
 NEW_SHAPE = world.DISTRACTOR_SHAPE  # "blob": known to the judge, never drawn by the base UNet
 NEW_BATCH_SEED = 2026
@@ -43,6 +43,7 @@ REPLAY_WEIGHTS = (3, 1)  # new batch : old batch
 TRAIN = ["python", "train_lora.py", "--config", "configs/shapes.yaml", "--validation_prompt", "--report_to", "none"]
 FIGURE = src.IMAGES / "continual.png"
 FIGURE_PROMPTS = 3  # per concept, first seed
+BASE_PROMPT_STRIDE = 4  # every 4th base prompt: all shapes and colours still appear, at a quarter of the CPU time
 
 
 def new_batch_concepts() -> list[world.Concept]:
@@ -55,20 +56,21 @@ def write_new_batch(folder: Path, rows: int) -> Path:
     write_imagefolder(
         world.sample(new_batch_concepts(), rows, NEW_BATCH_SEED),
         folder,
-        title="Shapes world: blobs (second batch)",
+        title="Shapes world blobs (second batch)",
         description="Smooth irregular blobs in the five base colours: the continual-tuning experiment's new data.",
     )
     return folder
 
 
-def stage_commands(work: Path, new_data: Path) -> dict[str, list[str]]:
+def stage_commands(work: Path, new_data: Path, old_data: Path = EMBEDDED_ADAPTER_DATA, extra=()) -> dict[str, list]:
     """Training command of each stage; paths relative to the repository root, as a user would type them."""
     rel = lambda path: os.path.relpath(path, REPO)  # noqa: E731
     first = rel(work / "first")
+    train = [*TRAIN, *extra]
     return {
-        "first": [*TRAIN, "--output_dir", first],
+        "first": [*train, "--train_data_dir", rel(old_data), "--output_dir", first],
         "naive": [
-            *TRAIN,
+            *train,
             "--train_data_dir",
             rel(new_data),
             "--init_adapter",
@@ -77,13 +79,13 @@ def stage_commands(work: Path, new_data: Path) -> dict[str, list[str]]:
             rel(work / "naive"),
         ],
         "replay": [
-            *TRAIN,
+            *train,
             "--train_data_dir",
             rel(new_data),
             "--init_adapter",
             first,
             "--mix_train_data_dir",
-            rel(EMBEDDED_ADAPTER_DATA),
+            rel(old_data),
             "--mix_weights",
             *map(str, REPLAY_WEIGHTS),
             "--output_dir",
@@ -99,13 +101,13 @@ def train(command: list[str], output_dir: Path) -> dict:
     return json.loads((output_dir / "train_summary.json").read_text())
 
 
-def prompt_sets() -> dict[str, list[str]]:
+def prompt_sets(folder: Path = EMBEDDED_PROMPTS) -> dict[str, list[str]]:
     """The prompts each concept is judged on."""
-    read = lambda name: [p for p in (EMBEDDED_PROMPTS / name).read_text().splitlines() if p.strip()]  # noqa: E731
+    read = lambda name: [p for p in (folder / name).read_text().splitlines() if p.strip()]  # noqa: E731
     return {
         "purple": read("adapter.txt"),
         "blob": [c.caption() for c in new_batch_concepts()],
-        "base": read("base.txt"),
+        "base": read("base.txt")[::BASE_PROMPT_STRIDE],
     }
 
 
@@ -130,7 +132,7 @@ def judge(pipe, clip, sets: dict[str, list[str]], settings) -> tuple[dict, dict]
     return scores, images
 
 
-def figure(stage_images: list[tuple[str, dict]], sets: dict[str, list[str]]) -> Path:
+def figure(stage_images: list[tuple[str, dict]], sets: dict[str, list[str]], path: Path = FIGURE) -> Path:
     """Rows: stages; columns: the first prompts of each new concept (first seed)."""
     from docgen import figures
 
@@ -140,7 +142,7 @@ def figure(stage_images: list[tuple[str, dict]], sets: dict[str, list[str]]) -> 
         [image for name in concepts for image in figures.to_pil(images[name][:FIGURE_PROMPTS])]
         for _, images in stage_images
     ]
-    return figures.save(figures.grid(rows, [label for label, _ in stage_images], cols, label_width=230), FIGURE)
+    return figures.save(figures.grid(rows, [label for label, _ in stage_images], cols, label_width=230), path)
 
 
 LABELS = {
@@ -157,25 +159,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", type=Path, default=REPO / "output" / "continual", help="Adapters and data.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Seeds per prompt for the judging.")
     parser.add_argument("--no_blocks", action="store_true", help="Do not re-render the docs' number blocks.")
+    # Another shapes world (e.g. `python -m embedded.build --smoke --out DIR`) for a quick check of this script.
+    parser.add_argument("--world", type=Path, help="A world folder instead of embedded/ (pipeline, clip, data).")
+    parser.add_argument("--max_train_steps", type=int, help="Cap each training run (quick checks).")
+    parser.add_argument("--results", type=Path, default=src.CONTINUAL_JSON, help="Result JSON to write.")
+    parser.add_argument("--figure", type=Path, default=FIGURE, help="Figure to write.")
     args = parser.parse_args(argv)
-    if not (EMBEDDED_PIPELINE / "model_index.json").is_file():
-        print("error: the embedded pipeline is missing; build it with `python -m embedded.build`.", file=sys.stderr)
+    world_dir = args.world.resolve() if args.world else EMBEDDED_PIPELINE.parent
+    base, clip_dir = world_dir / "pipeline", world_dir / "clip"
+    old_data, prompt_dir = world_dir / "data" / "adapter", world_dir / "prompts"
+    if not (base / "model_index.json").is_file():
+        print(f"error: {base} is missing; build it with `python -m embedded.build`.", file=sys.stderr)
         return 2
+    extra = [] if args.world is None else ["--pretrained_model_name_or_path", str(base)]
+    extra += [] if args.max_train_steps is None else ["--max_train_steps", str(args.max_train_steps)]
     from eval.generate import GenerationSettings
     from eval.models import load_clip
 
     work = args.work_dir.resolve()
-    new_data = write_new_batch(work / "data" / "blob", src.dataset_rows(EMBEDDED_ADAPTER_DATA))
-    commands = stage_commands(work, new_data)
+    new_data = write_new_batch(work / "data" / "blob", src.dataset_rows(old_data))
+    commands = stage_commands(work, new_data, old_data, extra)
     summaries = {name: train(command, work / name) for name, command in commands.items()}
 
     from docgen.figures import load_pipeline
 
     torch.manual_seed(0)
-    pipe = load_pipeline(EMBEDDED_PIPELINE)
-    clip = load_clip(str(EMBEDDED_CLIP), "cpu")
+    pipe = load_pipeline(base)
+    clip = load_clip(str(clip_dir), "cpu")
     settings = GenerationSettings(seeds=tuple(args.seeds), num_inference_steps=25, guidance_scale=7.5)
-    sets = prompt_sets()
+    sets = prompt_sets(prompt_dir)
     stages, stage_images = [], []
     for name in ("base", *commands):
         if name != "base":
@@ -226,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "stages": stages,
     }
-    atomic_write_json(src.CONTINUAL_JSON, results)
-    print(f"wrote {src.relative(src.CONTINUAL_JSON)} and {src.relative(figure(stage_images, sets))}")
-    if not args.no_blocks:
+    atomic_write_json(args.results, results)
+    print(f"wrote {args.results} and {figure(stage_images, sets, args.figure)}")
+    if not args.no_blocks and args.results == src.CONTINUAL_JSON:
         subprocess.run([sys.executable, "docs/build.py", "--blocks"], cwd=REPO, check=True)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 
@@ -350,6 +351,11 @@ def _best_gpu_case(document: dict | None) -> dict | None:
     return max(cases, key=lambda c: c["images_per_s"]) if cases else None
 
 
+def _model_name(name: str) -> str:
+    """A Hub id as it is; a local folder by its last part (bench folders live in temporary directories)."""
+    return name if name.count("/") == 1 and not name.startswith(("/", ".")) else Path(name).name
+
+
 def _generate_rows(document: dict, device_label: str) -> list[list[str]]:
     rows = []
     for name, variant in document.get("variants", {}).items():
@@ -374,7 +380,7 @@ def latency() -> str:
             notes.append(_pending(f"Generation on {device.upper()}", command))
             continue
         label = _gpu_label(document) if device == "gpu" else f"CPU ({document['machine'].get('cpu', 'cpu')})"
-        rows += _generate_rows(document, f"{label}, `{document['base_model']}`")
+        rows += _generate_rows(document, f"{label}, `{_model_name(document['base_model'])}`")
         notes.append(
             f"{device.upper()}: pipeline load {document['pipeline_load_s']:.2f} s, adapter load "
             f"{document['adapter_load_s']:.2f} s (`bench/results/generate-{device}.json`)."
@@ -417,7 +423,7 @@ def hosting_cost() -> str:
         rows.append(
             [
                 _gpu_label(document) if device == "gpu" else "CPU",
-                f"`{document['base_model']}` {document['image_px']} px, {variant['steps']} steps",
+                f"`{_model_name(document['base_model'])}` {document['image_px']} px, {variant['steps']} steps",
                 f"{seconds:.3f}",
                 f"{3600 / seconds:,.0f}",
                 f"{price['usd_per_hour']:.2f} ({price['what']})",
