@@ -43,7 +43,7 @@ REPLAY_WEIGHTS = (3, 1)  # new batch : old batch
 TRAIN = ["python", "train_lora.py", "--config", "configs/shapes.yaml", "--validation_prompt", "--report_to", "none"]
 FIGURE = src.IMAGES / "continual.png"
 FIGURE_PROMPTS = 3  # per concept, first seed
-BASE_PROMPT_STRIDE = 4  # every 4th base prompt: all shapes and colours still appear, at a quarter of the CPU time
+BASE_PROMPT_STRIDE = 3  # every 3rd base prompt: all colours, shapes and both backgrounds, a third of the CPU time
 
 
 def new_batch_concepts() -> list[world.Concept]:
