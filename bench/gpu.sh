@@ -43,10 +43,10 @@ export BK_SDM_TINY_CONFIGS=$CONFIGS
 
 # Training: 6 runs (eager, then compiled); each stage has its own time limit so one slow compile cannot eat
 # the whole budget; results are written after every run, so a stage cut short still leaves its figures.
-timeout 300 "$PY" -m bench train --cases gpu --work_dir "$WORK" 2>&1 | tee "$LOG/train.log" \
+timeout 330 "$PY" -m bench train --cases gpu --work_dir "$WORK" 2>&1 | tee "$LOG/train.log" \
   || echo "[gpu.sh] training stage stopped early (see $LOG/train.log); partial results kept"
 # Generation at 25 steps on the same architecture (an adapter is trained for one step to have one to load).
-timeout 140 "$PY" -m bench generate --base "$WORK/bk-sdm-tiny" --steps 25 --device cuda --work_dir "$WORK" \
+timeout 120 "$PY" -m bench generate --base "$WORK/bk-sdm-tiny" --steps 25 --device cuda --work_dir "$WORK" \
   2>&1 | tee "$LOG/generate.log" || echo "[gpu.sh] generation stage stopped early (see $LOG/generate.log)"
 "$PY" -m bench report
 ls -l bench/results/
