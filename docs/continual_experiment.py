@@ -3,7 +3,7 @@
     python docs/continual_experiment.py      # ~8 minutes on 2 CPU cores; writes docs/results/continual.json
                                              # and docs/images/continual.png, then re-renders the docs' blocks
 
-1. First batch: the purple shapes (embedded/data/adapter). A fresh adapter learns them (the default preset).
+1. First batch: purple shapes, drawn like embedded/data/adapter. A fresh adapter learns them (default preset).
 2. Second batch: "blob" shapes in the five base colours, written here from the world generator. The embedded
    CLIP judge knows blobs (they are its hard negatives) but the base UNet never drew one.
 3. (a) naive: continue from the first adapter (`--init_adapter`) on the second batch only;
@@ -39,6 +39,7 @@ from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_PIPELINE, EMBEDDED_PRO
 
 NEW_SHAPE = world.DISTRACTOR_SHAPE  # "blob": known to the judge, never drawn by the base UNet
 NEW_BATCH_SEED = 2026
+OLD_BATCH_SEED = 2025
 REPLAY_WEIGHTS = (3, 1)  # new batch : old batch
 TRAIN = ["python", "train_lora.py", "--config", "configs/shapes.yaml", "--validation_prompt", "--report_to", "none"]
 FIGURE = src.IMAGES / "continual.png"
@@ -58,6 +59,17 @@ def write_new_batch(folder: Path, rows: int) -> Path:
         folder,
         title="Shapes world blobs (second batch)",
         description="Smooth irregular blobs in the five base colours: the continual-tuning experiment's new data.",
+    )
+    return folder
+
+
+def write_first_batch(folder: Path, rows: int) -> Path:
+    """The first batch: purple shapes like embedded/data/adapter, drawn afresh so the run is self-contained."""
+    write_imagefolder(
+        world.sample(world.adapter_concepts(), rows, OLD_BATCH_SEED),
+        folder,
+        title="Shapes world purple shapes (first batch)",
+        description="Every shape in purple: the continual-tuning experiment's first data batch.",
     )
     return folder
 
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     world_dir = args.world.resolve() if args.world else EMBEDDED_PIPELINE.parent
     base, clip_dir = world_dir / "pipeline", world_dir / "clip"
-    old_data, prompt_dir = world_dir / "data" / "adapter", world_dir / "prompts"
+    prompt_dir = world_dir / "prompts"
     if not (base / "model_index.json").is_file():
         print(f"error: {base} is missing; build it with `python -m embedded.build`.", file=sys.stderr)
         return 2
@@ -177,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     from eval.models import load_clip
 
     work = args.work_dir.resolve()
-    new_data = write_new_batch(work / "data" / "blob", src.dataset_rows(old_data))
+    rows = src.dataset_rows(world_dir / "data" / "adapter")
+    old_data = write_first_batch(work / "data" / "purple", rows)
+    new_data = write_new_batch(work / "data" / "blob", rows)
     commands = stage_commands(work, new_data, old_data, extra)
     summaries = {name: train(command, work / name) for name, command in commands.items()}
 
