@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Use this diffusers folder instead of the BK-SDM-Tiny architecture (quick checks).")
     train.add_argument("--embedded", type=Path, default=None,
                        help="A pipeline of the embedded architecture to use instead of embedded/pipeline.")
+    train.add_argument("--embedded_data", type=Path, default=None,
+                       help="The embedded adapter data from another folder (same rows) for the embedded-default case.")
     generate = commands.add_parser("generate", help="Seconds per image with the Space's code, and its cold start.")
     generate.add_argument("--base", default=None, help="Base pipeline (default: the Space's default).")
     generate.add_argument("--adapter", default=None, help="LoRA adapter (default: the Space's default).")
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             payload = {"cases": records, "checks": checks, "note": args.note}
             write_results(out, "train", args.short, argv, payload, machine)
 
-        run_train_bench(names, args.work_dir, args.short, args.model, on_record=save, embedded=args.embedded)
+        run_train_bench(names, args.work_dir, args.short, args.model, on_record=save, embedded=args.embedded,
+                        embedded_data=args.embedded_data)
     else:
         from bench.generate import default_models, run_generate_bench
 

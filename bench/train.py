@@ -59,10 +59,13 @@ def reference_pipeline(work_dir: Path) -> Path:
     return target
 
 
-def embedded_flags(pipeline: Path | None) -> list[str]:
-    """The default preset as is, or with its pipeline replaced by `pipeline` (same architecture, other weights)."""
+def embedded_flags(pipeline: Path | None, data: Path | None = None) -> list[str]:
+    """The default preset as is, or with its pipeline (same architecture) or data folder (same rows) replaced."""
+    data_flags = ["--train_data_dir", str(data)] if data is not None else []
     if pipeline is not None:
-        return ["--config", str(SHAPES_PRESET), "--pretrained_model_name_or_path", str(pipeline)]
+        return ["--config", str(SHAPES_PRESET), "--pretrained_model_name_or_path", str(pipeline), *data_flags]
+    if data is not None:
+        return ["--config", str(SHAPES_PRESET), *data_flags]
     if not (EMBEDDED_PIPELINE / "model_index.json").is_file():
         raise SystemExit(
             f"The embedded pipeline {EMBEDDED_PIPELINE} is missing: build it with `python -m embedded.build`, "
@@ -150,12 +153,13 @@ def epoch_windows(timer: StepStampTimer, steps_per_epoch: int, warmup: int, batc
 # ---- cases -------------------------------------------------------------------------------------------------------
 
 
-def embedded_case(short: bool, pipeline: Path | None = None) -> TrainCase:
+def embedded_case(short: bool, pipeline: Path | None = None, data: Path | None = None) -> TrainCase:
     """The embedded default exactly as `train_lora.py` with no arguments (configs/shapes.yaml), capped in steps."""
-    base = embedded_flags(pipeline)
+    base = embedded_flags(pipeline, data)
     cfg = parse_args(base)
     steps = 4 if short else 30
     where = "" if pipeline is None else f"; pipeline {pipeline.name} (same architecture, other weights)"
+    where += "" if data is None else f"; data copied to {data.name}"
     return TrainCase(
         name="embedded-default",
         description=f"embedded default (configs/shapes.yaml), default data settings{where}",
@@ -273,13 +277,14 @@ def gpu_cases(
 
 
 def make_cases(
-    names: list[str], work_dir: Path, short: bool, model: Path | None = None, embedded: Path | None = None
+    names: list[str], work_dir: Path, short: bool, model: Path | None = None, embedded: Path | None = None,
+    embedded_data: Path | None = None,
 ) -> list[TrainCase]:
     """The named cases; `model` replaces the BK-SDM-Tiny architecture (tests pass a tiny pipeline), `embedded`
     the embedded pipeline."""
     reference = lambda: model or reference_pipeline(work_dir)  # noqa: E731  built only when a case needs it
     builders = {
-        "embedded": lambda: [embedded_case(short, embedded)],
+        "embedded": lambda: [embedded_case(short, embedded, embedded_data)],
         "bk-sdm-tiny": lambda: [bk_sdm_tiny_case(reference(), work_dir, short)],
         "jpeg": lambda: [jpeg_case(reference(), work_dir, short)],
         "jpeg-workers": lambda: jpeg_workers_cases(work_dir, short, embedded),
@@ -355,7 +360,7 @@ def latent_cache_dir(flags: list[str]) -> Path | None:
 
 def run_train_bench(
     names: list[str], work_dir: Path, short: bool, model: Path | None = None, on_record=None,
-    embedded: Path | None = None,
+    embedded: Path | None = None, embedded_data: Path | None = None,
 ) -> tuple[list[dict], dict]:
     """Every requested case in this process, in order; returns the records and the acceptance checks.
 
@@ -363,7 +368,7 @@ def run_train_bench(
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     records = []
-    for case in make_cases(names, work_dir, short, model, embedded):
+    for case in make_cases(names, work_dir, short, model, embedded, embedded_data):
         cache_dir = latent_cache_dir(case.flags)
         before = cache_files(cache_dir) if cache_dir else {}
         print(f"[bench] {case.name}: {case.description}", flush=True)
