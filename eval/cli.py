@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 
 from eval.generate import GenerationSettings
-from eval.prompts import EvalInputError, default_candidates_file, default_prompt_files, embedded_world_captions
+from eval.prompts import (
+    EvalInputError,
+    default_candidates_file,
+    default_prompt_files,
+    embedded_world_captions,
+    load_prompt_sets,
+)
 from eval.run import EvalOptions, evaluate
 from lorakit.lora import ADAPTER_WEIGHT_NAME
 from lorakit.paths import EMBEDDED_CLIP, EMBEDDED_DEMO_ADAPTER, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS, REPO_ROOT
@@ -65,6 +71,13 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
     candidates = args.candidates or (None if args.prompts else default_candidates_file())
     # With the embedded prompts, rank against every world caption as the embedded build's figures do.
     world_captions = embedded_world_captions() if not args.prompts and not candidates else []
+    load_prompt_sets(prompts)  # missing or empty files fail here, before anything else is looked at
+    lora = args.lora or default_lora()
+    if not args.lora and not Path(lora).exists():
+        raise EvalInputError(
+            f"No adapter to evaluate: output/ has no {ADAPTER_WEIGHT_NAME} and the demo adapter {lora} is missing. "
+            "Train one (python train_lora.py) or pass --lora PATH_OR_HUB_ID."
+        )
     generation = GenerationSettings(
         seeds=tuple(dict.fromkeys(args.seeds)),
         num_inference_steps=args.steps,
@@ -75,7 +88,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
     )
     return EvalOptions(
         base=str(args.base or EMBEDDED_PIPELINE),
-        lora=str(args.lora or default_lora()),
+        lora=str(lora),
         clip_model=str(args.clip_model or EMBEDDED_CLIP),
         prompts=prompts,
         candidates=str(candidates) if candidates else None,

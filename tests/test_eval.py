@@ -285,9 +285,15 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
 
 
 def test_defaults_point_at_the_embedded_world(monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)  # no output/ here
+    import eval.cli
+
+    monkeypatch.chdir(tmp_path)  # no output/ here, nor in the (patched) repository root
+    monkeypatch.setattr(eval.cli, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(eval.cli, "EMBEDDED_DEMO_ADAPTER", tmp_path / "demo_adapter")
+    (tmp_path / "demo_adapter").mkdir()
     (tmp_path / "p.txt").write_text("a red circle\n")
     options = options_from_args(["--prompts", str(tmp_path / "p.txt")])
+    assert options.lora == str(tmp_path / "demo_adapter")
     assert options.base == str(EMBEDDED_PIPELINE)
     assert options.clip_model == str(EMBEDDED_CLIP)
     assert options.generation == GenerationSettings(seeds=(0,), num_inference_steps=25, guidance_scale=7.5)
@@ -429,6 +435,10 @@ def test_no_arguments_use_embedded_prompts_and_world_captions(monkeypatch, promp
         options_from_args([])
     monkeypatch.setattr(eval.cli, "default_prompt_files", lambda: prompt_files)
     monkeypatch.setattr(eval.cli, "default_candidates_file", lambda: None)
+    monkeypatch.setattr(eval.cli, "default_lora", lambda: prompt_files[0].parent / "no_adapter")
+    with pytest.raises(EvalInputError, match="No adapter to evaluate.*--lora"):
+        options_from_args([])
+    monkeypatch.setattr(eval.cli, "default_lora", lambda: prompt_files[0].parent)
     options = options_from_args([])
     assert options.prompts == [str(p) for p in prompt_files]
     assert options.candidate_texts == candidate_captions() and len(options.candidate_texts) > 50
