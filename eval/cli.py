@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
 from eval.generate import GenerationSettings
 from eval.prompts import (
@@ -21,14 +22,21 @@ from eval.prompts import (
 )
 from eval.run import EvalOptions, evaluate
 from lorakit.lora import ADAPTER_WEIGHT_NAME
-from lorakit.paths import EMBEDDED_CLIP, EMBEDDED_DEMO_ADAPTER, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS, REPO_ROOT
+from lorakit.paths import (
+    EMBEDDED_CLIP,
+    EMBEDDED_DEMO_ADAPTER,
+    EMBEDDED_PIPELINE,
+    EMBEDDED_PROMPTS,
+    REPO_ROOT,
+    SHAPES_PRESET,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__)
     parser.add_argument("--base", help=f"Base pipeline folder or Hub id (default: {EMBEDDED_PIPELINE}).")
-    parser.add_argument("--lora", help="Adapter folder/file or Hub id (default: output/ if trained, else the demo).")
+    parser.add_argument("--lora", help="Adapter folder/file or Hub id (default: the preset's run, else the demo).")
     parser.add_argument("--prompts", nargs="+", help=f"Prompt files, one prompt a line (default: {EMBEDDED_PROMPTS}).")
     parser.add_argument("--candidates", help="Extra candidate prompts for R-precision (default: the world captions).")
     parser.add_argument("--clip_model", help=f"CLIP folder or Hub id (default: {EMBEDDED_CLIP}).")
@@ -47,9 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def preset_output_dir() -> str | None:
+    """`output.output_dir` of the default training preset (configs/shapes.yaml), if readable."""
+    try:
+        preset = yaml.safe_load(SHAPES_PRESET.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return (preset.get("output") or {}).get("output_dir")
+
+
 def default_lora() -> Path:
-    """The adapter the main command trained (output/), else the committed demo adapter."""
-    for folder in (Path.cwd() / "output", REPO_ROOT / "output"):
+    """The adapter the main command trained (its preset's output folder, or output/), else the demo adapter."""
+    names = [name for name in (preset_output_dir(), "output") if name]
+    for folder in (root / name for name in names for root in (Path.cwd(), REPO_ROOT)):
         if (folder / ADAPTER_WEIGHT_NAME).is_file():
             return folder
     return EMBEDDED_DEMO_ADAPTER

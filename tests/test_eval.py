@@ -300,6 +300,11 @@ def test_defaults_point_at_the_embedded_world(monkeypatch, tmp_path):
     (tmp_path / "output").mkdir()
     (tmp_path / "output" / "pytorch_lora_weights.safetensors").write_bytes(b"")
     assert options_from_args(["--prompts", str(tmp_path / "p.txt")]).lora == str(tmp_path / "output")
+    # The default preset's own output folder wins over a bare output/.
+    preset_dir = tmp_path / eval.cli.preset_output_dir()
+    preset_dir.mkdir(parents=True, exist_ok=True)
+    (preset_dir / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert options_from_args(["--prompts", str(tmp_path / "p.txt")]).lora == str(preset_dir)
 
 
 # ---------- generation and the whole run ----------
