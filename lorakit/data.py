@@ -11,6 +11,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+import yaml
 from PIL import Image, UnidentifiedImageError
 
 from lorakit.config import ConfigError, DataConfig
@@ -40,6 +41,11 @@ def load_raw_dataset(cfg: DataConfig) -> datasets.Dataset:
             return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
         try:
             return datasets.load_dataset(str(local), split="train", cache_dir=cfg.cache_dir)
+        except yaml.YAMLError as error:
+            raise DataError(
+                f"{local / 'README.md'} has a YAML header that does not parse ({error.problem}); quote values "
+                "that contain ':' or remove the header."
+            ) from error
         except (FileNotFoundError, ValueError) as error:
             if "corresponds to no data" in str(error) or "Unable to find" in str(error):
                 raise DataError(

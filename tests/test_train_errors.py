@@ -124,3 +124,10 @@ def test_yaml_config_with_flags_winning(tiny_pipeline_dir, tiny_dataset_dir, tmp
     assert cfg.lora.rank == 8 and cfg.training.learning_rate == 2e-4
     assert cfg.lora.lora_alpha == 8.0  # resolved from the rank, so the saved config states the scale
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_dataset_card_with_broken_yaml(capsys, tiny_pipeline_dir, tmp_path):
+    data = make_tiny_imagefolder(tmp_path / "data", rows=2)
+    (data / "README.md").write_text("---\npretty_name: Shapes: broken\n---\n# card\n")
+    code, err = run(capsys, tiny_pipeline_dir, data, tmp_path / "out")
+    assert code == 2 and "README.md has a YAML header that does not parse" in err
