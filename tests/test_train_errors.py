@@ -8,9 +8,9 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import make_tiny_imagefolder
 
 import train_lora
-from conftest import make_tiny_imagefolder
 
 
 @pytest.fixture(autouse=True)
