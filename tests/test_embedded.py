@@ -1,0 +1,105 @@
+"""The embedded shapes world: smoke rebuild, committed pipeline/CLIP/datasets load with stock libraries."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from transformers import CLIPModel, CLIPProcessor
+
+from embedded import world
+from embedded.build import main as build_main
+from embedded.measure import candidate_captions, to_uint8
+from lorakit.metrics import clip_r_precision
+from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS
+
+
+@pytest.fixture(scope="module")
+def committed_pipeline() -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_PIPELINE)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_world_is_deterministic_and_keeps_heldout_out_of_base():
+    first = world.sample(world.all_concepts(), 8, seed=3)
+    again = world.sample(world.all_concepts(), 8, seed=3)
+    other = world.sample(world.all_concepts(), 8, seed=4)
+    assert all(np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(first, other, strict=True))
+    assert first[0][0].size == (32, 32)
+    base = {(c.colour, c.shape) for c in world.base_concepts()}
+    assert base.isdisjoint(world.HELDOUT_COMBOS)
+    assert all(c.colour not in world.BASE_COLOURS for c in world.adapter_concepts())
+
+
+def test_smoke_rebuild_writes_every_artifact(tmp_path):
+    build_main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "build_report.json").read_text())
+    assert set(report["quality"]["base_pipeline_r_precision"]) == {"base", "heldout", "adapter"}
+    assert 0.0 <= report["quality"]["judge_top1"]["all_concepts"] <= 1.0
+    assert "python -m embedded.build" in (tmp_path / "README.md").read_text()
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert pipe.vae.config.scaling_factor == pytest.approx(report["unet"]["scaling_factor"])
+    assert CLIPModel.from_pretrained(tmp_path / "clip").config.text_config.vocab_size == len(pipe.tokenizer)
+    assert (tmp_path / "prompts" / "heldout.txt").read_text().splitlines()
+    assert not (tmp_path / "_work").exists()
+
+
+def test_committed_pipeline_is_stock_and_consistent(committed_pipeline):
+    pipe = committed_pipeline
+    assert isinstance(DiffusionPipeline.from_pretrained(EMBEDDED_PIPELINE), StableDiffusionPipeline)
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
+    config = pipe.text_encoder.config
+    tokenizer = pipe.tokenizer
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
+        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert pipe.unet.config.cross_attention_dim == config.hidden_size
+    # the scaling factor was measured on the latents, not copied from Stable Diffusion
+    assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
+
+
+def test_committed_pipeline_draws_any_text(committed_pipeline):
+    prompts = ["a red circle on a white background", "a zorblax flibbertigibbet 🦄", ""]
+    generator = torch.Generator().manual_seed(0)
+    out = committed_pipeline(prompts, negative_prompt=["", "", ""], num_inference_steps=4, generator=generator,
+                             output_type="np")
+    assert out.images.shape == (3, 32, 32, 3)
+    assert np.isfinite(out.images).all() and out.images.std() > 0.01
+
+
+@pytest.mark.parametrize("folder,colour_in,colour_out", [(EMBEDDED_BASE_DATA, None, "purple"),
+                                                         (EMBEDDED_ADAPTER_DATA, "purple", None)])
+def test_committed_datasets_load_with_datasets(folder, colour_in, colour_out):
+    data = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    assert {"image", "text"} <= set(data.column_names)
+    assert len(data) == len((folder / "metadata.jsonl").read_text().splitlines())
+    texts = data["text"]
+    if colour_in:
+        assert all(colour_in in t for t in texts)
+    if colour_out:
+        assert not any(colour_out in t for t in texts)
+    assert data[0]["image"].size == (32, 32)
+    assert datasets.load_dataset(str(folder), split="train").num_rows == len(data)
+
+
+def test_prompt_files_split_the_world():
+    lines = {n: (EMBEDDED_PROMPTS / f"{n}.txt").read_text().splitlines() for n in ("base", "heldout", "adapter")}
+    assert all(lines.values())
+    assert set(lines["heldout"]).isdisjoint(lines["base"])
+    assert all("purple" in p for p in lines["adapter"])
+
+
+def test_committed_clip_ranks_its_own_caption_first():
+    model = CLIPModel.from_pretrained(EMBEDDED_CLIP).eval()
+    processor = CLIPProcessor.from_pretrained(EMBEDDED_CLIP)
+    rows = world.sample(world.all_concepts(), 36, seed=4242)  # images no training set drew
+    result = clip_r_precision(to_uint8([r[0] for r in rows]), [r[2].caption() for r in rows], candidate_captions(),
+                              model, processor)
+    assert result.top1 >= 0.9
