@@ -110,7 +110,7 @@ def clip_embeddings(
         image_emb = torch.nn.functional.normalize(wrapped.get_image_features(pixels.to(device)).float(), dim=-1)
     if texts is not None:
         fitted = fit_prompts_to_clip(texts, wrapped.model, processor)
-        tokens = processor(text=fitted, return_tensors="pt", padding=True)
+        tokens = processor.tokenizer(fitted, return_tensors="pt", padding=True)
         text_emb = wrapped.get_text_features(tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
         text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
     return image_emb, text_emb
