@@ -8,6 +8,7 @@ diffusers pipeline; measure the quality bars into build_report.json and render R
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -273,11 +274,11 @@ def du_bytes(folder: Path) -> int:
     return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
 
 
-def build(out: Path, sizes: BuildSizes, seed: int = 0, smoke: bool = False, resume: bool = False) -> dict:
+def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_COMMAND) -> dict:
     """Run every step into `out`; return the report it also writes to out/build_report.json."""
     start = time.time()
-    report: dict = {"command": REBUILD_COMMAND + (" --smoke" if smoke else ""), "seed": seed, "sizes": asdict(sizes)}
-    clean(out, resume)
+    report: dict = {"command": command, "seed": seed, "sizes": asdict(sizes)}
+    clean(out, "--resume" in command)
     report["data"] = write_data(out, sizes, seed)
     log("data written; training CLIP and VAE", start)
     work = out / "_work"
@@ -312,10 +313,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps on tiny data, for tests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="reuse models an interrupted build left in _work/")
+    for name in ("judge_steps", "unet_steps", "unet_batch"):
+        parser.add_argument(
+            f"--{name}", type=int, default=None, help=f"override {name} (default {getattr(BuildSizes(), name)})"
+        )
     args = parser.parse_args(argv)
+    overrides = {
+        k: getattr(args, k) for k in ("judge_steps", "unet_steps", "unet_batch") if getattr(args, k) is not None
+    }
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
-    report = build(args.out, SMOKE if args.smoke else BuildSizes(), args.seed, args.smoke, args.resume)
+    sizes = dataclasses.replace(SMOKE if args.smoke else BuildSizes(), **overrides)
+    command = " ".join([REBUILD_COMMAND, *(argv if argv is not None else sys.argv[1:])])
+    report = build(args.out, sizes, args.seed, command)
     print(json.dumps(report["quality"], indent=2))
 
 

@@ -11,7 +11,7 @@ from embedded.world import Concept
 
 CARD = """---
 license: apache-2.0
-pretty_name: {title}
+pretty_name: "{title}"
 task_categories:
 - text-to-image
 size_categories:
