@@ -18,7 +18,7 @@ from bench.machine import machine_info  # noqa: E402
 from bench.results_io import RESULTS_DIR, write_results  # noqa: E402
 
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "lorakit-bench"
-CPU_CASES = ["embedded", "jpeg-workers", "bk-sdm-tiny", "jpeg", "cache"]
+CPU_CASES = ["embedded", "embedded-workers", "jpeg-workers", "bk-sdm-tiny", "jpeg", "cache"]
 DOCS_FILE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 

@@ -153,16 +153,24 @@ def epoch_windows(timer: StepStampTimer, steps_per_epoch: int, warmup: int, batc
 # ---- cases -------------------------------------------------------------------------------------------------------
 
 
-def embedded_case(short: bool, pipeline: Path | None = None, data: Path | None = None) -> TrainCase:
-    """The embedded default exactly as `train_lora.py` with no arguments (configs/shapes.yaml), capped in steps."""
+def embedded_case(
+    short: bool, pipeline: Path | None = None, data: Path | None = None, workers: int | None = None
+) -> TrainCase:
+    """The embedded default exactly as `train_lora.py` with no arguments (configs/shapes.yaml), capped in steps.
+
+    With `workers`, the same with that many persistent DataLoader workers (the data-loading lever).
+    """
     base = embedded_flags(pipeline, data)
+    if workers is not None:
+        base += ["--dataloader_num_workers", str(workers), "--persistent_workers"]
     cfg = parse_args(base)
     steps = 4 if short else 30
     where = "" if pipeline is None else f"; pipeline {pipeline.name} (same architecture, other weights)"
     where += "" if data is None else f"; data copied to {data.name}"
+    settings = "default data settings" if workers is None else f"{workers} persistent DataLoader worker(s)"
     return TrainCase(
-        name="embedded-default",
-        description=f"embedded default (configs/shapes.yaml), default data settings{where}",
+        name="embedded-default" if workers is None else f"embedded-workers{workers}",
+        description=f"embedded default (configs/shapes.yaml), {settings}{where}",
         flags=[*base, "--max_train_steps", str(steps)],
         batch_size=cfg.training.train_batch_size,
         resolution=cfg.data.resolution,
@@ -285,6 +293,7 @@ def make_cases(
     reference = lambda: model or reference_pipeline(work_dir)  # noqa: E731  built only when a case needs it
     builders = {
         "embedded": lambda: [embedded_case(short, embedded, embedded_data)],
+        "embedded-workers": lambda: [embedded_case(short, embedded, embedded_data, workers=1)],
         "bk-sdm-tiny": lambda: [bk_sdm_tiny_case(reference(), work_dir, short)],
         "jpeg": lambda: [jpeg_case(reference(), work_dir, short)],
         "jpeg-workers": lambda: jpeg_workers_cases(work_dir, short, embedded),
