@@ -10,6 +10,9 @@
 # four *_config.json files along when only the repository travels to the GPU machine).
 # Packages: torch must be there. Anything else missing from requirements.txt (diffusers, datasets, gradio...)
 # is installed from wheels in .whl/ (make them with `bash bench/gpu_wheels.sh` on a machine with pip access).
+# From a session with a lent GPU machine (only the repository travels): copy the configs into an ignored folder
+# first, `mkdir -p .bkref && cp ../shared/reference/bk-sdm-tiny/*.json .bkref/ && echo /.bkref/ >> .git/info/exclude`,
+# carry `.bkref` and `.whl`, and run `BK_SDM_TINY_CONFIGS=.bkref bash bench/gpu.sh`; results land in $OUT too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
