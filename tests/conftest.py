@@ -10,6 +10,11 @@ import os
 import sys
 from pathlib import Path
 
+# Before any Hugging Face import: huggingface_hub reads these once, at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import numpy as np
 import pytest
 import torch
@@ -22,9 +27,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from lorakit.tokenizer import build_clip_tokenizer  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "white", "black", "background"]
 TINY_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
