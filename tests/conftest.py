@@ -27,7 +27,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from lorakit.tokenizer import build_clip_tokenizer  # noqa: E402
 
-
 TINY_WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "white", "black", "background"]
 TINY_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220)}
 
