@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Wrote {write_report(args.results, args.out)}")
         return 0
     machine = machine_info()
+    # The note is shown on its own line in the docs; the command line keeps only the flags.
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
     suffix = device_tag() + ("-short" if args.short else "")
     if args.command == "train":
         from bench.train import run_train_bench
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def save(records: list[dict], checks: dict) -> None:
             payload = {"cases": records, "checks": checks, "note": args.note}
-            write_results(out, "train", args.short, argv, payload, machine)
+            write_results(out, "train", args.short, shown, payload, machine)
 
         run_train_bench(names, args.work_dir, args.short, args.model, on_record=save, embedded=args.embedded,
                         embedded_data=args.embedded_data)
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         base, adapter = default_models(args.base, args.adapter, args.work_dir)
         result = run_generate_bench(base, adapter, device, args.steps, args.short, args.work_dir, args.cold_start)
         out = args.out or RESULTS_DIR / f"generate-{suffix}.json"
-        write_results(out, "generate", args.short, argv, {**result, "note": args.note}, machine)
+        write_results(out, "generate", args.short, shown, {**result, "note": args.note}, machine)
     print(f"Wrote {out}")
     return 0
 
