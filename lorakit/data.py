@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import multiprocessing
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,14 +194,20 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     seed: int = 0
     epoch: int = 0
 
+    def __post_init__(self) -> None:
+        # Shared memory, so persistent DataLoader workers see the new epoch too (they keep their copy
+        # of the dataset across epochs, and would otherwise repeat the first epoch's random draws).
+        self._shared_epoch = multiprocessing.Value("i", self.epoch, lock=False)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self._shared_epoch.value = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        rng = random.Random(f"{self.seed}/{self._shared_epoch.value}/{index}")
         row = self.rows[int(index)]
         image = resize_and_crop(
             _open_image(row[self.image_column]).convert("RGB"), self.resolution, self.center_crop, rng

@@ -120,3 +120,23 @@ def test_mix_weights_must_match_the_datasets(capsys, tiny_dataset_dir):
     code = train_lora.main(["--train_data_dir", str(tiny_dataset_dir), "--mix_train_data_dir", "x", "--mix_weights",
                             "1"])  # fmt: skip
     assert code == 2 and "--mix_weights needs 2 values" in capsys.readouterr().err
+
+
+def test_persistent_workers_follow_the_epoch(tiny_dataset_dir):
+    import datasets
+
+    from lorakit.data import CaptionedImageDataset, collate_examples
+    from lorakit.tokenizer import build_clip_tokenizer
+
+    rows = datasets.load_dataset(str(tiny_dataset_dir), split="train")
+    dataset = CaptionedImageDataset(rows, "image", "text", build_clip_tokenizer(["a"]), 32, False, True, seed=0)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=12, num_workers=1, persistent_workers=True, collate_fn=collate_examples
+    )
+    per_epoch = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        per_epoch.append(next(iter(loader))["pixel_values"])
+    in_process = collate_examples([dataset[i] for i in range(12)])["pixel_values"]  # epoch 2, main process
+    assert not torch.equal(per_epoch[0], per_epoch[1]) and not torch.equal(per_epoch[1], per_epoch[2])
+    assert torch.equal(per_epoch[2], in_process)  # the worker drew exactly what epoch 2 draws anywhere
