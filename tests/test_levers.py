@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import make_tiny_imagefolder
 from safetensors.torch import load_file
 
 import train_lora
-from conftest import make_tiny_imagefolder
 from lorakit.config import parse_args
 from lorakit.data import prepare_dataset
 from lorakit.timing import PHASES, PhaseTimer
