@@ -501,17 +501,30 @@ def continual_findings() -> str:
     def r(name: str, concept: str) -> str:
         return f"{stage[name][concept]['r_precision_top1']:.2f}"
 
+    def c(name: str, concept: str) -> str:
+        return f"{stage[name][concept]['clip_score']:.1f}"
+
     weights = ":".join(str(w) for w in results["replay_weights"])
+    images = stage["first"]["purple"]["images"]
     return "\n".join(
         [
             f"- **Batch 1 learned:** purple R-precision went from {r('base', 'purple')} (base model) to "
-            f"{r('first', 'purple')} with the first adapter.",
+            f"{r('first', 'purple')} with the first adapter (CLIP score {c('base', 'purple')} to "
+            f"{c('first', 'purple')}).",
             f"- **Naive update:** training on the blobs alone took blob R-precision from {r('first', 'blob')} to "
-            f"{r('naive', 'blob')}, while purple went from {r('first', 'purple')} to {r('naive', 'purple')}.",
-            f"- **With replay ({weights} new to old):** blob {r('replay', 'blob')}, purple {r('replay', 'purple')}.",
+            f"{r('naive', 'blob')}, while purple went from {r('first', 'purple')} to {r('naive', 'purple')} "
+            f"(CLIP score {c('first', 'purple')} to {c('naive', 'purple')}): "
+            + ("forgetting." if float(r("naive", "purple")) < float(r("first", "purple")) else "no forgetting here."),
+            f"- **With replay ({weights} new to old):** purple {r('replay', 'purple')} (CLIP score "
+            f"{c('replay', 'purple')}), blob {r('replay', 'blob')} (CLIP score {c('replay', 'blob')}, against "
+            f"{c('naive', 'blob')} naive).",
             f"- **Base prompts** (what the model could do before any adapter): {r('base', 'base')} for the base "
             f"model, {r('first', 'base')} after batch 1, {r('naive', 'base')} naive, {r('replay', 'base')} with "
             "replay.",
+            f"- **How sure:** each figure rests on {images} images per concept (one image moves R-precision by "
+            f"{1 / images:.2f}), and the shapes world's judge and base model are themselves imperfect (their own "
+            "accuracy is in `embedded/README.md`); read differences of a few hundredths as noise, and rerun with more "
+            "seeds (`--seeds 0 1 2 3`) before drawing finer conclusions.",
         ]
     )
 
