@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -51,12 +52,18 @@ def make_tiny_adapter(base_dir: Path, out_dir: Path) -> Path:
 
 
 def demo_models(tmp_path_factory) -> tuple[str, str]:
-    """The embedded base and demo adapter when the repo has them, else the tiny fixture pipeline and a LoRA."""
+    """Base and adapter for the tests: SPACE_TEST_BASE/SPACE_TEST_ADAPTER if set (e.g. to refresh the docs screenshot),
+    else the embedded pipeline and demo adapter, else the embedded pipeline or the tiny fixture with a random LoRA."""
+    if os.environ.get("SPACE_TEST_BASE") and os.environ.get("SPACE_TEST_ADAPTER"):
+        return os.environ["SPACE_TEST_BASE"], os.environ["SPACE_TEST_ADAPTER"]
     if EMBEDDED_PIPELINE.is_dir() and EMBEDDED_ADAPTER.is_dir():
         return str(EMBEDDED_PIPELINE), str(EMBEDDED_ADAPTER)
-    from conftest import make_tiny_pipeline
+    if EMBEDDED_PIPELINE.is_dir():
+        base = EMBEDDED_PIPELINE
+    else:
+        from conftest import make_tiny_pipeline
 
-    base = make_tiny_pipeline(tmp_path_factory.mktemp("space_base"))
+        base = make_tiny_pipeline(tmp_path_factory.mktemp("space_base"))
     return str(base), str(make_tiny_adapter(base, tmp_path_factory.mktemp("space_adapter")))
 
 

@@ -182,7 +182,7 @@ def test_browser_types_prompt_clicks_and_sees_a_non_blank_image(server):
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(server, wait_until="domcontentloaded", timeout=60_000)
-            page.get_by_label("Prompt").fill("a red circle on a white background")
+            page.get_by_label("Prompt").fill("a purple star on a white background")
             assert page.locator("#result img").count() == 0, "no image before the first run"
             page.get_by_role("button", name="Run", exact=True).click()
             image = page.locator("#result img").first
