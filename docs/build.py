@@ -69,7 +69,7 @@ def write_counts(embedded: bool = True) -> list[Path]:
     return [src.SIZES_BK_SDM, src.SIZES_EMBEDDED]
 
 
-def write_figures() -> list[Path]:
+def write_figures(adapter: Path = ADAPTER) -> list[Path]:
     """Every image of the docs that comes from the embedded pipeline and its demo adapter."""
     import torch
     from docgen import figures
@@ -80,16 +80,16 @@ def write_figures() -> list[Path]:
     pipe = figures.load_pipeline(PIPELINE)
     written = []
     hero = GenerationSettings(seeds=(0,), num_inference_steps=STEPS, guidance_scale=GUIDANCE)
-    base, adapted = figures.base_and_adapter(pipe, ADAPTER, HERO_PROMPTS, hero)
+    base, adapted = figures.base_and_adapter(pipe, adapter, HERO_PROMPTS, hero)
     written.append(figures.save(figures.before_after(base, adapted, HERO_PROMPTS), src.IMAGES / FIGURES[0]))
 
     prompts = sample_prompts()
     samples = GenerationSettings(seeds=SAMPLE_SEEDS, num_inference_steps=STEPS, guidance_scale=GUIDANCE)
-    base, adapted = figures.base_and_adapter(pipe, ADAPTER, prompts, samples)
+    base, adapted = figures.base_and_adapter(pipe, adapter, prompts, samples)
     grid = figures.sample_grid(base, adapted, prompts, SAMPLE_SEEDS)
     written.append(figures.save(grid, src.IMAGES / FIGURES[1]))
 
-    pipe.load_lora_weights(str(ADAPTER), adapter_name="docs")
+    pipe.load_lora_weights(str(adapter), adapter_name="docs")
     show = (0, 1, 2, 3, 5, 8, 12, 17, STEPS)
     frames = figures.denoising_frames(pipe, STRIP_PROMPT, STRIP_SEED, STEPS, GUIDANCE, show)
     pipe.unload_lora_weights()
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--rerun", action="store_true", help="Re-run eval and the continual experiment first.")
     mode.add_argument("--check", action="store_true", help="Only check that the number blocks are up to date.")
     mode.add_argument("--blocks", action="store_true", help="Only re-render the number blocks.")
+    parser.add_argument("--adapter", type=Path, default=ADAPTER, help="Adapter for the figures (default: the demo).")
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files()
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.rerun:
             rerun_experiments()
-        for path in write_counts() + write_figures():
+        for path in write_counts() + write_figures(args.adapter):
             print(f"wrote {src.relative(path)}")
     for name in write_blocks():
         print(f"updated {name}")

@@ -162,7 +162,7 @@ def test_quickstart_training_command_runs_as_written(tmp_path):
         shutil.move(output, backup)
     try:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-        result = subprocess.run(shlex.split(command), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(shlex.split(command), cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
         assert result.returncode == 0, result.stderr[-3000:]
         summary = json.loads((output / "train_summary.json").read_text())
         assert (output / "pytorch_lora_weights.safetensors").stat().st_size == summary["adapter_file_bytes"] > 0

@@ -72,8 +72,8 @@ def eval_table() -> str:
         f"Judge: the embedded CLIP ranking each image's prompt among {results['num_candidates']} world captions; "
         f"{settings['num_inference_steps']} sampler steps ({settings['scheduler']}), guidance "
         f"{settings['guidance_scale']}, seeds {', '.join(map(str, settings['seeds']))}, "
-        f"{settings['height']}x{settings['width']} px. Source: `docs/results/eval/eval_results.json`, written by "
-        f"`{src.EVAL_COMMAND}`."
+        f"{settings['height']}x{settings['width']} px; adapter `{results['lora']}`. Source: "
+        f"`docs/results/eval/eval_results.json`, written by `{results['source']}`."
     )
 
 
@@ -277,14 +277,34 @@ def python_version() -> str:
     return f"Python {project['requires-python'].replace('>=', '')} or newer (`pyproject.toml`)."
 
 
+def default_run() -> dict | None:
+    """One epoch of the default preset: the demo adapter's run, else the continual experiment's first stage."""
+    summary = src.read_json(src.TRAIN_SUMMARY)
+    if summary is not None:
+        return {
+            **summary,
+            "what": "the run that made the committed demo adapter",
+            "source": src.relative(src.TRAIN_SUMMARY),
+        }
+    continual = src.read_json(src.CONTINUAL_JSON)
+    if continual is None:
+        return None
+    first = next(stage for stage in continual["stages"] if stage["name"] == "first")
+    return {
+        **first,
+        "what": "the default preset's run in the continual-tuning experiment",
+        "source": src.relative(src.CONTINUAL_JSON),
+    }
+
+
 def quickstart_time() -> str:
     """How long the quickstart run took (README)."""
-    summary = src.read_json(src.TRAIN_SUMMARY)
-    if summary is None:
+    run = default_run()
+    if run is None:
         return _pending("The demo run", "accelerate launch --config_file accelerate_config.yaml train_lora.py")
     return (
-        f"The run that made the committed demo adapter took {summary['train_seconds']:.0f} s of training "
-        f"({summary['global_step']} steps) on a shared 2-core CPU (`embedded/demo_adapter/train_summary.json`)."
+        f"One epoch of this preset ({run['what']}) took {run['train_seconds']:.0f} s of training "
+        f"({run['global_step']} steps) on a shared CPU (`{run['source']}`)."
     )
 
 
@@ -305,14 +325,15 @@ def epoch_cost() -> str:
     """What one epoch costs: embedded default on CPU, BK-SDM-Tiny + naruto on a rented GPU (how-it-works)."""
     facts = src.read_json(src.FACTS_JSON)
     lines = []
-    summary = src.read_json(src.TRAIN_SUMMARY)
+    summary = default_run()
     cpu_price = facts["cpu_price"]
     if summary:
         seconds = summary["train_seconds"]
         cost = seconds / 3600 * cpu_price["usd_per_hour"]
         lines.append(
             f"- **Embedded default** (shapes, {_n(summary['num_samples'])} images): {seconds:.0f} s for one epoch "
-            f"on 2 shared CPU cores. At {cpu_price['usd_per_hour']:.2f} USD per hour for such a machine "
+            f"on a shared CPU ({summary['what']}, `{summary['source']}`). At {cpu_price['usd_per_hour']:.2f} USD "
+            "per hour for such a machine "
             f"({cpu_price['what']}) that is about {cost:.4f} USD: effectively free."
         )
     gpu = src.bench_result("train", "gpu")
@@ -334,7 +355,7 @@ def epoch_cost() -> str:
         )
     return "\n".join(lines) + (
         "\n\nPrices are assumptions, not quotes (`docs/results/facts.json`); times come from "
-        "`embedded/demo_adapter/train_summary.json` and `bench/results/train-gpu.json`."
+        "the files named above and `bench/results/train-gpu.json`."
     )
 
 
