@@ -113,6 +113,25 @@ def make_tiny_imagefolder(out_dir: Path, rows: int = 12, size: int = 32, seed: i
     return out_dir
 
 
+def tiny_train_args(pipeline: Path, data: Path | str, out: Path, *extra: str) -> list[str]:
+    """Flags of a short train_lora run on the tiny fixtures (32 px, batch 2, lr 1e-3, no trackers)."""
+    return [
+        "--pretrained_model_name_or_path", str(pipeline), "--train_data_dir", str(data), "--resolution", "32",
+        "--output_dir", str(out), "--train_batch_size", "2", "--learning_rate", "1e-3", "--report_to", "none",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """In-process runs each build their own Accelerator (precision differs between tests)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipeline"))

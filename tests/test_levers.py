@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import make_tiny_imagefolder
+from conftest import make_tiny_imagefolder, tiny_train_args
 from safetensors.torch import load_file
 
 import train_lora
@@ -16,20 +16,11 @@ from lorakit.config import parse_args
 from lorakit.data import prepare_dataset
 from lorakit.timing import PHASES, PhaseTimer
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def args(pipeline: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path", str(pipeline), "--train_data_dir", str(data), "--resolution", "32",
-        "--output_dir", str(out), "--train_batch_size", "2", "--learning_rate", "1e-3", "--report_to", "none",
-        "--overwrite_output_dir", *extra,
-    ]  # fmt: skip
+    return tiny_train_args(pipeline, data, out, "--overwrite_output_dir", *extra)
 
 
 def losses(out: Path) -> list[float]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from conftest import tiny_train_args
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -25,26 +26,7 @@ ADAPTER = "pytorch_lora_weights.safetensors"
 
 
 def train_args(pipeline: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path",
-        str(pipeline),
-        "--train_data_dir",
-        str(data),
-        "--resolution",
-        "32",
-        "--output_dir",
-        str(out),
-        "--train_batch_size",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--report_to",
-        "none",
-        "--lr_scheduler",
-        "cosine",
-        "--random_flip",
-        *extra,
-    ]
+    return tiny_train_args(pipeline, data, out, "--lr_scheduler", "cosine", "--random_flip", *extra)
 
 
 def run_faulty(

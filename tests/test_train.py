@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
+from conftest import tiny_train_args
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file
 
@@ -21,32 +21,7 @@ from lorakit.training import attach_lora, load_models, step_generator, training_
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Each in-process run builds its own Accelerator (precision differs between tests)."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def tiny_args(pipeline: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--pretrained_model_name_or_path",
-        str(pipeline),
-        "--train_data_dir",
-        str(data),
-        "--resolution",
-        "32",
-        "--output_dir",
-        str(out),
-        "--train_batch_size",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--report_to",
-        "none",
-        *extra,
-    ]
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def render(pipe: StableDiffusionPipeline, **kwargs) -> torch.Tensor:
@@ -58,7 +33,7 @@ def render(pipe: StableDiffusionPipeline, **kwargs) -> torch.Tensor:
 
 
 def test_only_lora_trains_and_base_weights_stay_bit_identical(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    result = train_lora.train(parse_args(tiny_args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "out")))
+    result = train_lora.train(parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "out")))
     trainable = {name: p for name, p in result.unet.named_parameters() if p.requires_grad}
     lora_only = {name: p for name, p in result.unet.named_parameters() if "lora_" in name}
     assert trainable.keys() == lora_only.keys() and trainable
@@ -78,7 +53,7 @@ def test_only_lora_trains_and_base_weights_stay_bit_identical(tiny_pipeline_dir,
 
 
 def test_loss_falls_on_a_fixed_batch(tiny_pipeline_dir, tiny_dataset_dir):
-    cfg = parse_args(tiny_args(tiny_pipeline_dir, tiny_dataset_dir, Path("unused"), "--rank", "8"))
+    cfg = parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, Path("unused"), "--rank", "8"))
     torch.manual_seed(0)
     models = load_models(cfg.model)
     params = attach_lora(models, cfg.lora, torch.float32, torch.device("cpu"))
@@ -106,7 +81,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_pipeline_dir, tiny_dataset_dir):
 
 def test_adapter_loads_in_stock_pipeline_and_scale_zero_is_base(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "out"
-    train_lora.train(parse_args(tiny_args(tiny_pipeline_dir, tiny_dataset_dir, out)))
+    train_lora.train(parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out)))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.set_progress_bar_config(disable=True)
     base = render(pipe)
@@ -123,7 +98,9 @@ def test_bf16_keeps_lora_weights_fp32(tiny_pipeline_dir, tiny_dataset_dir, tmp_p
     out = tmp_path / "out"
     result = train_lora.train(
         parse_args(
-            tiny_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--mixed_precision", "bf16", "--max_train_steps", "2")
+            tiny_train_args(
+                tiny_pipeline_dir, tiny_dataset_dir, out, "--mixed_precision", "bf16", "--max_train_steps", "2"
+            )
         )
     )
     lora = [p for name, p in result.unet.named_parameters() if "lora_" in name]
@@ -138,7 +115,7 @@ def test_text_encoder_lora_is_saved_and_loads(tiny_pipeline_dir, tiny_dataset_di
     out = tmp_path / "out"
     train_lora.train(
         parse_args(
-            tiny_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--train_text_encoder", "--max_train_steps", "2")
+            tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--train_text_encoder", "--max_train_steps", "2")
         )
     )
     keys = load_file(out / ADAPTER_WEIGHT_NAME).keys()
@@ -151,7 +128,7 @@ def test_outputs_follow_the_contract(tiny_pipeline_dir, tiny_dataset_dir, tmp_pa
     out = tmp_path / "out"
     train_lora.train(
         parse_args(
-            tiny_args(
+            tiny_train_args(
                 tiny_pipeline_dir,
                 tiny_dataset_dir,
                 out,
@@ -191,7 +168,7 @@ def test_accelerate_launch_end_to_end(tiny_pipeline_dir, tiny_dataset_dir, tmp_p
         "--config_file",
         str(REPO_ROOT / "accelerate_config.yaml"),
         str(REPO_ROOT / "train_lora.py"),
-        *tiny_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--max_train_steps", "3"),
+        *tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--max_train_steps", "3"),
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]

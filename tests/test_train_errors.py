@@ -8,7 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import make_tiny_imagefolder
+from conftest import make_tiny_imagefolder, tiny_train_args
 
 import train_lora
 
@@ -22,21 +22,7 @@ def models_must_not_load(monkeypatch):
 
 
 def run(capsys, pipeline: Path, data: Path | str, out: Path, *extra: str) -> tuple[int, str]:
-    code = train_lora.main(
-        [
-            "--pretrained_model_name_or_path",
-            str(pipeline),
-            "--train_data_dir",
-            str(data),
-            "--resolution",
-            "32",
-            "--output_dir",
-            str(out),
-            "--report_to",
-            "none",
-            *extra,
-        ]
-    )
+    code = train_lora.main(tiny_train_args(pipeline, data, out, *extra))
     return code, capsys.readouterr().err
 
 
