@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import ModelCard, ModelCardData
 
 from eval.report import markdown_table
 from lorakit.atomic import atomic_write_text
-from lorakit.card import is_hub_id, update_card_with_eval
+from lorakit.card import is_hub_id, to_eval_result, update_card_with_eval
 
 SECTION_START = "<!-- lorakit-eval:start -->"
 SECTION_END = "<!-- lorakit-eval:end -->"
@@ -54,18 +54,6 @@ def card_metrics(results: dict) -> list[dict]:
     return metrics
 
 
-def _as_eval_result(metric: dict) -> EvalResult:
-    return EvalResult(
-        task_type=metric["task_type"],
-        dataset_type=metric["dataset_type"],
-        dataset_name=metric["dataset_name"],
-        dataset_split=metric.get("dataset_split"),
-        metric_type=metric["metric_type"],
-        metric_name=metric.get("metric_name"),
-        metric_value=metric["value"],
-    )
-
-
 def _replace_section(content: str, section: str) -> str:
     """Swap the marked evaluation section for `section`, or append it; the rest of the card is kept."""
     block = f"{SECTION_START}\n## Evaluation\n\n{section.rstrip()}\n{SECTION_END}"
@@ -86,7 +74,7 @@ def update_card_in_place(card_dir: str | Path, results: dict) -> Path:
         card = ModelCard(f"---\n{ModelCardData(library_name='diffusers').to_yaml()}\n---\n# LoRA adapter\n")
     data = card.data
     kept = [r for r in (data.eval_results or []) if r.metric_type not in OWN_METRICS]
-    data.eval_results = kept + [_as_eval_result(m) for m in results.get("metrics") or card_metrics(results)]
+    data.eval_results = kept + [to_eval_result(m) for m in results.get("metrics") or card_metrics(results)]
     if not data.model_name:
         data.model_name = Path(card_dir).resolve().name  # model-index requires a name
     text = f"---\n{data.to_yaml()}\n---\n{_replace_section(card.text, markdown_table(results))}"

@@ -133,22 +133,24 @@ def usage_snippet(base_model: str, adapter: str, prompt: str, revision: str | No
     )
 
 
+def to_eval_result(metric: dict) -> EvalResult:
+    """One metric of the `update_card_with_eval` schema as a huggingface_hub `EvalResult` (model-index)."""
+    return EvalResult(
+        task_type=metric.get("task_type", "text-to-image"),
+        dataset_type=metric["dataset_type"],
+        dataset_name=metric["dataset_name"],
+        dataset_split=metric.get("dataset_split"),
+        metric_type=metric["metric_type"],
+        metric_name=metric.get("metric_name"),
+        metric_value=metric["value"],
+        source_name=metric.get("source_name"),
+    )
+
+
 def _eval_results(eval_data: dict | None, model_name: str) -> list[EvalResult] | None:
     if not eval_data or not eval_data.get("metrics"):
         return None
-    return [
-        EvalResult(
-            task_type=m.get("task_type", "text-to-image"),
-            dataset_type=m["dataset_type"],
-            dataset_name=m["dataset_name"],
-            dataset_split=m.get("dataset_split"),
-            metric_type=m["metric_type"],
-            metric_name=m.get("metric_name"),
-            metric_value=m["value"],
-            source_name=m.get("source_name"),
-        )
-        for m in eval_data["metrics"]
-    ]
+    return [to_eval_result(m) for m in eval_data["metrics"]]
 
 
 def validate_eval_results(results: dict) -> dict:
