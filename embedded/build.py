@@ -3,6 +3,7 @@
 Steps: render the datasets and prompt files; train the CLIP judge and the VAE side by side (one thread
 each); encode latents and text once; pretrain the UNet on the base cache (two threads); save a stock
 diffusers pipeline; measure the quality bars into build_report.json and render README.md from it.
+The judge's text tower is the pipeline's text encoder: one CLIP, trained once.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from embedded import world
 from embedded.dataset import write_imagefolder, write_prompts
 from embedded.measure import judge_accuracy, pipeline_r_precision
 from embedded.models import make_sampler, make_tokenizer, make_train_scheduler, make_unet
-from embedded.readme import write_readme
+from embedded.readme import render as render_readme
 from embedded.train_clip import train_clip
-from embedded.train_judge import train_judge
 from embedded.train_unet import build_cache, train_unet
 from embedded.train_vae import train_vae
 from lorakit.params import count_parameters
@@ -46,14 +46,12 @@ class BuildSizes:
 
     base_rows: int = 1680
     adapter_rows: int = 480
-    clip_steps: int = 800
+    clip_steps: int = 3000
     clip_pool: int = 14400
-    vae_steps: int = 700
+    vae_steps: int = 1000
     vae_pool: int = 8000
-    judge_steps: int = 1500
-    judge_pool: int = 14400
-    unet_steps: int = 1000
-    unet_batch: int = 64
+    unet_steps: int = 1500
+    unet_batch: int = 128
     inference_steps: int | None = None  # None: the pipeline's default call settings
     parallel: bool = True  # CLIP and VAE in two processes; the smoke run trains them in-process
     judge_images: int = 720
@@ -68,8 +66,6 @@ SMOKE = BuildSizes(
     clip_pool=144,
     vae_steps=3,
     vae_pool=64,
-    judge_steps=3,
-    judge_pool=144,
     unet_steps=3,
     unet_batch=8,
     judge_images=72,
@@ -139,7 +135,7 @@ def finish(procs: dict[str, subprocess.Popen | None]) -> dict:
 
 
 def train_clip_and_vae(work: Path, sizes: BuildSizes, seed: int) -> dict:
-    """Train the judge's stage 1 and the VAE in two single-thread processes at once (in-process for smoke)."""
+    """Train the CLIP judge and the VAE in two single-thread processes at once (in-process for smoke)."""
     if not sizes.parallel:
         return {
             "clip": str(train_clip(work / "clip", sizes.clip_steps, sizes.clip_pool, seed=seed)),
@@ -159,14 +155,6 @@ def train_clip_and_vae(work: Path, sizes: BuildSizes, seed: int) -> dict:
             ),
         }
     )
-
-
-def start_judge(work: Path, sizes: BuildSizes, seed: int) -> subprocess.Popen | dict | None:
-    """Stage 2 of the judge (deeper vision tower, frozen text tower): runs beside the UNet, one thread each."""
-    args = ["--stage1", work / "clip", "--steps", sizes.judge_steps, "--pool_size", sizes.judge_pool]
-    if not sizes.parallel:
-        return train_judge(work / "clip", work / "judge", sizes.judge_steps, sizes.judge_pool, seed=seed)
-    return launch(work, "judge", "embedded.train_judge", args, seed)
 
 
 def load_base_rows(folder: Path) -> tuple[torch.Tensor, list[str]]:
@@ -224,8 +212,8 @@ def assemble_pipeline(work: Path, out: Path, sizes: BuildSizes, seed: int) -> di
 
 def save_clip(work: Path, out: Path) -> None:
     """Copy the trained judge (model, processor, tokenizer) to out/clip."""
-    model = CLIPModel.from_pretrained(work / "judge")
-    processor = CLIPProcessor.from_pretrained(work / "judge")
+    model = CLIPModel.from_pretrained(work / "clip")
+    processor = CLIPProcessor.from_pretrained(work / "clip")
     model.save_pretrained(out / "clip")
     processor.save_pretrained(out / "clip")
 
@@ -284,11 +272,8 @@ def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_CO
     work = out / "_work"
     report["clip_vae_logs"] = train_clip_and_vae(work, sizes, seed)
     log(f"CLIP and VAE trained: {report['clip_vae_logs']}; training the UNet", start)
-    judge = start_judge(work, sizes, seed)
-    torch.set_num_threads(1 if sizes.parallel else 2)  # the judge's stage 2 has the other core
-    report["unet"] = assemble_pipeline(work, out, sizes, seed)
-    report["judge_log"] = judge if isinstance(judge, dict) else finish({"judge": judge})["judge"]
     torch.set_num_threads(2)
+    report["unet"] = assemble_pipeline(work, out, sizes, seed)
     save_clip(work, out)
     report["train_seconds"] = time.time() - start
     log(f"pipeline saved: {report['unet']}; measuring", start)
@@ -302,7 +287,7 @@ def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_CO
     shutil.rmtree(work)
     report["artifact_bytes_du"] = du_bytes(out)
     (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_readme(out / "README.md", report)
+    render_readme(out)
     return report
 
 
@@ -313,13 +298,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="a few steps on tiny data, for tests")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="reuse models an interrupted build left in _work/")
-    for name in ("judge_steps", "unet_steps", "unet_batch"):
+    for name in ("clip_steps", "unet_steps", "unet_batch"):
         parser.add_argument(
             f"--{name}", type=int, default=None, help=f"override {name} (default {getattr(BuildSizes(), name)})"
         )
     args = parser.parse_args(argv)
     overrides = {
-        k: getattr(args, k) for k in ("judge_steps", "unet_steps", "unet_batch") if getattr(args, k) is not None
+        k: getattr(args, k) for k in ("clip_steps", "unet_steps", "unet_batch") if getattr(args, k) is not None
     }
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)

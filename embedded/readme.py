@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from embedded import world
+
+EMBEDDED_DIR = Path(__file__).resolve().parent
+# the demo adapter's evaluation, written by docs/build.py --rerun (python -m eval ... --output_dir docs/results/eval)
+LORA_EVAL = EMBEDDED_DIR.parent / "docs" / "results" / "eval" / "eval_results.json"
+DEMO_SUMMARY = EMBEDDED_DIR / "demo_adapter" / "train_summary.json"
 
 BARS = {
     "base": ("base prompts", ">= 0.90"),
@@ -65,10 +71,10 @@ a miss. The judge is trained contrastively against all caption variants of all c
 
 - Tokenizer: `lorakit.tokenizer.build_clip_tokenizer(world words)`: each world word is one token; unknown
   words still tokenize byte by byte.
-- CLIP judge, {clip_params} parameters, 64 wide, in two stages. Stage 1 (`train_clip.py`, {clip_steps} steps):
-  a 2-layer ViT (4 px patches) and a 2-layer text tower trained jointly. Stage 2 (`train_judge.py`,
-  {judge_steps} steps, run beside the UNet): a fresh 4-layer ViT trained against stage 1's text tower, frozen,
-  so the judge tells shapes apart (stage 1 mostly learned colours) while judge and pipeline share one text tower.
+- CLIP judge, {clip_params} parameters, trained contrastively for {clip_steps} steps (`train_clip.py`): a
+  4-layer ViT with 8 px patches, 128 wide, and a 2-layer text tower, 64 wide. 8 px patches on a wider tower
+  told circles from blobs better per CPU-second than 4 px patches on a 64-wide one. Its text tower is the
+  pipeline's text encoder, so judge and pipeline read prompts the same way.
 - VAE: `AutoencoderKL`, 32 px -> 4x8x8 latents, {vae_params} parameters, {vae_steps} steps;
   `scaling_factor` = 1/std of the base latents = {scaling_factor:.4f} (measured, stored in the config).
 - Text encoder: the judge's text tower as a frozen `CLIPTextModel` (cross-attention width 64).
@@ -119,8 +125,57 @@ def _figures(report: dict) -> str:
     return "\n".join(lines) + "\n" + note
 
 
-def write_readme(path: Path, report: dict) -> None:
-    """Write the README for `report` (the dict stored in build_report.json)."""
+LORA_BARS = {"adapter_after": ">= 0.60", "base_drop": "<= 0.10"}
+
+
+def _prompt_set(lora_eval: dict, name: str) -> dict:
+    return next(entry for entry in lora_eval["prompt_sets"] if entry["name"] == name)
+
+
+def _lora_section(lora_eval: dict, summary: dict, command: str) -> str:
+    """The after-LoRA figures, from `python -m eval` on the committed demo adapter and its train_summary.json."""
+    adapter, base = _prompt_set(lora_eval, "adapter"), _prompt_set(lora_eval, "base")
+    adapter_after = adapter["adapter"]["r_precision_top1"]
+    base_drop = base["base"]["r_precision_top1"] - base["adapter"]["r_precision_top1"]
+    settings = lora_eval["settings"]
+    rows = [
+        ("R-precision on the adapter concept before the LoRA", adapter["base"]["r_precision_top1"], adapter, ""),
+        ("R-precision on the adapter concept after the LoRA", adapter_after, adapter, LORA_BARS["adapter_after"]),
+        ("R-precision on base prompts before the LoRA", base["base"]["r_precision_top1"], base, ""),
+        ("R-precision on base prompts after the LoRA", base["adapter"]["r_precision_top1"], base, ""),
+        ("Drop on base prompts", base_drop, base, LORA_BARS["base_drop"]),
+    ]
+    lines = ["| Figure | Images | Value | Bar | Met |", "|---|---:|---|---|---|"]
+    lines += [
+        f"| {label} | {entry['num_images']} | {value:.3f} | {bar or '-'} | {_met(value, bar) if bar else '-'} |"
+        for label, value, entry, bar in rows
+    ]
+    return (
+        f"""
+## After the default LoRA run
+
+`{summary["command"]}` with no arguments trains the adapter concept on this base: {summary["global_step"]} steps
+over {summary["num_samples"]} images, {summary["train_seconds"]:.1f} s of training on 2 CPU cores
+({summary["lora_trainable_parameters"]:,} LoRA parameters). Its output is committed as `demo_adapter/`. Measured by
+`{command}` (seeds {", ".join(map(str, settings["seeds"]))}, one image per prompt and seed,
+{settings["num_inference_steps"]} DPM-Solver steps, guidance {settings["guidance_scale"]}; same judge, same
+{lora_eval["num_candidates"]} candidates):
+
+"""
+        + "\n".join(lines)
+        + """
+
+Before (top) and after (bottom) the LoRA, same seeds:
+
+![before and after the demo LoRA](../docs/images/before_after.png)
+"""
+    )
+
+
+def write_readme(
+    path: Path, report: dict, lora_eval: dict | None = None, summary: dict | None = None, eval_command: str = ""
+) -> None:
+    """Write the README for `report` (build_report.json), plus the after-LoRA figures when an eval exists."""
     unet = report["unet"]
     text = INTRO.format(
         command=report["command"],
@@ -135,7 +190,6 @@ def write_readme(path: Path, report: dict) -> None:
         candidates=report["quality"]["candidates"],
         clip_params=f"{report['params']['clip']:,}",
         clip_steps=report["sizes"]["clip_steps"],
-        judge_steps=report["sizes"]["judge_steps"],
         vae_params=f"{report['params']['vae']:,}",
         vae_steps=report["sizes"]["vae_steps"],
         scaling_factor=unet["scaling_factor"],
@@ -150,15 +204,22 @@ def write_readme(path: Path, report: dict) -> None:
         else "",
         size_mb=report["artifact_bytes_du"] / 2**20,
     )
-    path.write_text(text + _figures(report))
+    lora = _lora_section(lora_eval, summary, eval_command) if lora_eval and summary else ""
+    path.write_text(text + _figures(report) + lora)
+
+
+def render(folder: Path = EMBEDDED_DIR) -> None:
+    """Render folder/README.md from its build_report.json and, for the committed world, the demo adapter's eval."""
+    report = json.loads((folder / "build_report.json").read_text())
+    lora_eval = summary = None
+    if folder == EMBEDDED_DIR and LORA_EVAL.exists() and DEMO_SUMMARY.exists():
+        lora_eval, summary = json.loads(LORA_EVAL.read_text()), json.loads(DEMO_SUMMARY.read_text())
+    write_readme(folder / "README.md", report, lora_eval, summary, lora_eval["source"] if lora_eval else "")
 
 
 def main() -> None:
-    """Re-render embedded/README.md from embedded/build_report.json (after a template change)."""
-    import json
-
-    folder = Path(__file__).resolve().parent
-    write_readme(folder / "README.md", json.loads((folder / "build_report.json").read_text()))
+    """Re-render embedded/README.md (after a template change or a new eval of the demo adapter)."""
+    render()
 
 
 if __name__ == "__main__":

@@ -123,8 +123,11 @@ def train_unet(
         ema_update(ema, unet, min(0.998, (1 + step) / (10 + step)))
         losses.append(loss.item())
         if (step + 1) % 100 == 0:
-            print(f"unet step {step + 1}/{steps} loss {sum(losses[-100:]) / 100:.4f} {time.time() - start:.0f}s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"unet step {step + 1}/{steps} loss {sum(losses[-100:]) / 100:.4f} {time.time() - start:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
     tail = losses[-50:]
     return ema, {
         "steps": steps,

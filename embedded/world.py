@@ -116,11 +116,13 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rng: np.random.Generato
         ]
         return [(cx + x, cy + y) for x, y in pts]
     if shape == "blob":
-        # a smooth potato: low-frequency radius wobble, far from a circle and from any pointed shape
-        k, amp, phase = int(rng.integers(2, 4)), float(rng.uniform(0.22, 0.35)), float(rng.uniform(0, 2 * math.pi))
-        amp2, phase2 = float(rng.uniform(0.05, 0.15)), float(rng.uniform(0, 2 * math.pi))
+        # a lumpy potato: two low-frequency radius wobbles, strong enough that its outline is never a circle
+        # (a near-miss the judge must not confuse with a circle, nor, having no corners, with a pointed shape)
+        k, amp, phase = int(rng.integers(2, 4)), float(rng.uniform(0.3, 0.4)), float(rng.uniform(0, 2 * math.pi))
+        amp2, phase2 = float(rng.uniform(0.1, 0.15)), float(rng.uniform(0, 2 * math.pi))
         angles = np.linspace(0, 2 * math.pi, 64, endpoint=False)
-        radii = r * (1 - amp2 + amp * np.sin(k * angles + phase) * 0.5 + amp2 * np.sin((k + 1) * angles + phase2))
+        wobble = 1 + amp * np.sin(k * angles + phase) + amp2 * np.sin((k + 1) * angles + phase2)
+        radii = r * wobble / wobble.max()  # the outer radius is r, as for every other shape
         points = zip(radii, angles, strict=True)
         return [(cx + float(rr) * math.cos(a), cy + float(rr) * math.sin(a)) for rr, a in points]
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + (DISTRACTOR_SHAPE,)}")
