@@ -226,13 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "name": "purple",
                 "label": "purple (batch 1)",
-                "description": "every shape in purple, a colour the base never saw",
+                "description": "every shape in purple, a colour the base UNet was never trained on",
                 "train_rows": src.dataset_rows(EMBEDDED_ADAPTER_DATA),
             },
             {
                 "name": "blob",
                 "label": "blob (batch 2)",
-                "description": "a new shape, smooth irregular blobs, in the five base colours",
+                "description": "a new shape, lumpy blobs, in the five base colours",
                 "train_rows": src.dataset_rows(new_data),
             },
             {

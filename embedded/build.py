@@ -98,7 +98,7 @@ def write_data(out: Path, sizes: BuildSizes, seed: int) -> dict:
         adapter,
         out / "data" / "adapter",
         "Shapes world: adapter concept (purple)",
-        "Every shape in the colour purple, which the embedded base never saw: the default LoRA "
+        "Every shape in the colour purple, which the embedded base UNet was never trained on: the default LoRA "
         "run teaches it in one epoch.",
     )
     prompts = {

@@ -62,7 +62,14 @@ attention LoRA only has to map to a new colour. Why a colour: a person sees it a
 carries it (one epoch covers the concept five times over), and a feasibility run found that a new *shape*
 came out as blobs after one LoRA epoch, while a colour change is what cross-attention LoRA learns fastest.
 
-**Hard negatives**: `blob` shapes (smooth potatoes) in every colour are shown only to the judge, and blob
+**Known gap: a good base half-draws purple already.** The text encoder learned "purple" from purple pictures,
+so its embedding sits between red and blue, and a UNet that draws the base concepts well interpolates: magenta
+and violet shapes that the judge reads as purple (the "before any LoRA" figure below, against a bar of 0.20).
+A weaker base drew purple less often only because it drew everything less well. The LoRA still sharpens the
+colour (figures at the end), but the adapter concept should become one no blend of known words can reach,
+such as a style (stripes, outlines) on every shape. That is the next step for this world.
+
+**Hard negatives**: `blob` shapes (lumpy potatoes) in every colour are shown only to the judge, and blob
 captions are among the {candidates} candidate captions of every figure below, so a misshapen star counts as
 a miss. The judge is trained contrastively against all caption variants of all concepts in every step
 (other colours, other shapes, other backgrounds, blobs); captions of the same concept are positives.

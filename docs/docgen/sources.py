@@ -23,7 +23,8 @@ BENCH_RESULTS = REPO / "bench" / "results"
 
 # The commands that write each file, quoted in the docs when a file is missing.
 EVAL_COMMAND = (
-    "python -m eval --base embedded/pipeline --lora embedded/demo_adapter --seeds 0 --output_dir docs/results/eval"
+    "python -m eval --base embedded/pipeline --lora embedded/demo_adapter --seeds 0 1 2 3 4 "
+    "--output_dir docs/results/eval"
 )
 CONTINUAL_COMMAND = "python docs/continual_experiment.py"
 BENCH_CPU_COMMANDS = "python -m bench train && python -m bench generate"
