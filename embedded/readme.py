@@ -92,7 +92,7 @@ a miss. The judge is trained contrastively against all caption variants of all c
 - Schedulers: DDPM (scaled-linear betas, 1000 steps) for training (`pipeline/train_scheduler/`; the
   sampler's config has the same betas); `DPMSolverMultistepScheduler` is the pipeline's sampler.
 - Build time: {build_minutes:.1f} min wall ({train_minutes:.1f} min training; {cpu_minutes:.1f} CPU-minutes) on 2
-  CPU cores shared with other jobs{resumed}; artifacts {size_mb:.1f} MB on disk (du).
+  CPU cores{resumed}; artifacts {size_mb:.1f} MB on disk (du).
 
 ## Measured quality
 
@@ -179,10 +179,10 @@ Before (top) and after (bottom) the LoRA, same seeds:
     )
 
 
-def write_readme(
-    path: Path, report: dict, lora_eval: dict | None = None, summary: dict | None = None, eval_command: str = ""
-) -> None:
-    """Write the README for `report` (build_report.json), plus the after-LoRA figures when an eval exists."""
+def compose_readme(
+    report: dict, lora_eval: dict | None = None, summary: dict | None = None, eval_command: str = ""
+) -> str:
+    """The README for `report` (build_report.json), plus the after-LoRA figures when an eval exists."""
     unet = report["unet"]
     text = INTRO.format(
         command=report["command"],
@@ -212,16 +212,21 @@ def write_readme(
         size_mb=report["artifact_bytes_du"] / 2**20,
     )
     lora = _lora_section(lora_eval, summary, eval_command) if lora_eval and summary else ""
-    path.write_text(text + _figures(report) + lora)
+    return text + _figures(report) + lora
 
 
-def render(folder: Path = EMBEDDED_DIR) -> None:
-    """Render folder/README.md from its build_report.json and, for the committed world, the demo adapter's eval."""
+def readme_text(folder: Path = EMBEDDED_DIR) -> str:
+    """folder's README from its build_report.json and, for the committed world, the demo adapter's eval."""
     report = json.loads((folder / "build_report.json").read_text())
     lora_eval = summary = None
     if folder == EMBEDDED_DIR and LORA_EVAL.exists() and DEMO_SUMMARY.exists():
         lora_eval, summary = json.loads(LORA_EVAL.read_text()), json.loads(DEMO_SUMMARY.read_text())
-    write_readme(folder / "README.md", report, lora_eval, summary, lora_eval["source"] if lora_eval else "")
+    return compose_readme(report, lora_eval, summary, lora_eval["source"] if lora_eval else "")
+
+
+def render(folder: Path = EMBEDDED_DIR) -> None:
+    """Write folder/README.md (see `readme_text`)."""
+    (folder / "README.md").write_text(readme_text(folder))
 
 
 def main() -> None:

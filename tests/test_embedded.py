@@ -11,7 +11,7 @@ import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from transformers import CLIPModel, CLIPProcessor
 
-from embedded import world
+from embedded import readme, world
 from embedded.build import main as build_main
 from embedded.measure import candidate_captions, to_uint8
 from lorakit.metrics import clip_r_precision
@@ -103,3 +103,12 @@ def test_committed_clip_ranks_its_own_caption_first():
     result = clip_r_precision(to_uint8([r[0] for r in rows]), [r[2].caption() for r in rows], candidate_captions(),
                               model, processor)
     assert result.top1 >= 0.9
+
+
+def test_committed_readme_shows_the_committed_figures():
+    """embedded/README.md is rendered from build_report.json and the demo adapter's eval, never typed by hand."""
+    text = readme.readme_text()
+    assert (readme.EMBEDDED_DIR / "README.md").read_text() == text
+    eval_results = json.loads(readme.LORA_EVAL.read_text())
+    adapter = next(s for s in eval_results["prompt_sets"] if s["name"] == "adapter")
+    assert f"| {adapter['num_images']} | {adapter['adapter']['r_precision_top1']:.3f} | >= 0.60 |" in text
