@@ -18,6 +18,18 @@ from lorakit.metrics import clip_r_precision, clip_score
 from lorakit.params import pipeline_parameter_counts
 
 
+def shown_path(location: str | Path) -> str:
+    """A local path as the report shows it: relative to the working directory when inside it (no machine paths
+    in committed results), anything else (a Hub id, a path elsewhere) unchanged."""
+    path = Path(location)
+    if not path.is_absolute():
+        return str(location)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(location)
+
+
 @dataclass
 class EvalOptions:
     """Resolved options of one evaluation (cli.py fills in the embedded defaults)."""
@@ -88,7 +100,7 @@ def score_prompt_sets(
         rows.append(
             {
                 "name": prompt_set.name,
-                "file": str(prompt_set.path),
+                "file": shown_path(prompt_set.path),
                 "num_prompts": len(prompt_set.prompts),
                 "num_images": len(set_prompts),
                 "base": score_set(base.images[where], set_prompts, candidates, clip),
@@ -147,7 +159,7 @@ def evaluate(options: EvalOptions) -> dict:
     results = {
         "base": options.base,
         "lora": options.lora,
-        "clip_model": options.clip_model,
+        "clip_model": shown_path(options.clip_model),
         "num_candidates": len(candidates),
         "candidates_file": options.candidates,
         "candidates": candidates,

@@ -21,7 +21,7 @@ from eval.cli import main, options_from_args
 from eval.generate import GenerationSettings, generate
 from eval.models import adapter_mismatches, adapter_state_dict, load_clip
 from eval.prompts import EvalInputError, candidate_prompts, load_prompt_sets, read_prompt_file
-from eval.run import EvalOptions, evaluate
+from eval.run import EvalOptions, evaluate, shown_path
 from lorakit.metrics import clip_embeddings, clip_r_precision, clip_score, r_precision, truncate_prompts
 from lorakit.params import lora_parameter_count
 from lorakit.paths import EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE
@@ -482,3 +482,11 @@ def test_count_only_unknown_hub_id_offline_is_a_clear_error(monkeypatch, capsys)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["--count_only", "--base", "no-such-org/no-such-model"]) == 2
     assert "Cannot read the configs of 'no-such-org/no-such-model'" in capsys.readouterr().err
+
+
+def test_report_paths_are_relative_inside_the_working_directory(tmp_path, monkeypatch):
+    """Committed reports must not carry the machine's absolute paths; Hub ids and outside paths stay as given."""
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "embedded" / "clip") == "embedded/clip"
+    assert shown_path("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
+    assert shown_path("/elsewhere/clip") == "/elsewhere/clip"
