@@ -179,9 +179,9 @@ def train_section(document: dict) -> str:
         parts.append(f"- Embedded default, default data settings: data wait is "
                      f"{pct(checks['embedded_data_wait_share'])} of step time (< 5%: "
                      f"{fmt(checks['embedded_data_wait_below_5_percent'])}).")
-    lever = {c["name"]: c for c in main}.get("embedded-workers1")
+    lever = {c["name"]: c for c in main}.get("embedded-workers0")
     if lever and "embedded_data_wait_share" in checks:
-        parts.append(f"- Same with one persistent worker: data wait {pct(lever['phase_share']['data_wait'])}, "
+        parts.append(f"- Same with no DataLoader workers: data wait {pct(lever['phase_share']['data_wait'])}, "
                      f"step time {lever['step_s'] / {c['name']: c for c in main}['embedded-default']['step_s']:.2f}x.")
     if "jpeg_data_wait_share" in checks:
         below = fmt(checks["jpeg_data_wait_below_10_percent"])

@@ -11,7 +11,7 @@ from bench.__main__ import main as bench_main
 from bench.report import fmt, render
 from bench.results_io import RESULTS_DIR, read_results
 from bench.timer import StepStampTimer
-from bench.train import gpu_cases, run_train_bench
+from bench.train import gpu_cases, make_cases, run_train_bench
 from lorakit.config import parse_args
 from lorakit.paths import REPO_ROOT
 from lorakit.timing import PHASES
@@ -163,3 +163,16 @@ def test_unknown_case_and_gpu_case_on_cpu_fail_with_the_choices(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             run_train_bench(["gpu"], tmp_path, short=True)
+
+
+def test_data_loading_lever_cases_differ_from_the_preset(tmp_path):
+    """The lever cases must change the workers against the preset (1 persistent worker), not repeat it."""
+    cases = {c.name: c for c in make_cases(["embedded", "embedded-workers", "jpeg-workers"], tmp_path, short=True)}
+
+    def data(name):
+        return parse_args([*cases[name].flags, "--output_dir", str(tmp_path / "out")]).data
+
+    assert (data("embedded-default").dataloader_num_workers, data("embedded-default").persistent_workers) == (1, True)
+    for name in ("embedded-workers0", "jpeg-embedded-workers0"):
+        assert (data(name).dataloader_num_workers, data(name).persistent_workers) == (0, False)
+    assert data("jpeg-embedded-workers2").dataloader_num_workers == 2
