@@ -34,8 +34,8 @@ from embedded.train_clip import train_clip
 from embedded.train_unet import build_cache, train_unet
 from embedded.train_vae import train_vae
 from lorakit.params import count_parameters
+from lorakit.paths import EMBEDDED_DIR
 
-EMBEDDED_DIR = Path(__file__).resolve().parent
 REBUILD_COMMAND = "python -m embedded.build"
 ARTIFACT_DIRS = ("data", "prompts", "clip", "pipeline", "_work")
 

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from embedded import world
+from lorakit.paths import EMBEDDED_DEMO_ADAPTER, EMBEDDED_DIR, REPO_ROOT
 
-EMBEDDED_DIR = Path(__file__).resolve().parent
 # the demo adapter's evaluation, written by docs/build.py --rerun (python -m eval ... --output_dir docs/results/eval)
-LORA_EVAL = EMBEDDED_DIR.parent / "docs" / "results" / "eval" / "eval_results.json"
-DEMO_SUMMARY = EMBEDDED_DIR / "demo_adapter" / "train_summary.json"
+LORA_EVAL = REPO_ROOT / "docs" / "results" / "eval" / "eval_results.json"
+DEMO_SUMMARY = EMBEDDED_DEMO_ADAPTER / "train_summary.json"
 
 BARS = {
     "base": ("base prompts", ">= 0.90"),
@@ -226,7 +226,7 @@ def readme_text(folder: Path = EMBEDDED_DIR) -> str:
     """folder's README from its build_report.json and, for the committed world, the demo adapter's eval."""
     report = json.loads((folder / "build_report.json").read_text())
     lora_eval = summary = None
-    if folder == EMBEDDED_DIR and LORA_EVAL.exists() and DEMO_SUMMARY.exists():
+    if folder.resolve() == EMBEDDED_DIR and LORA_EVAL.exists() and DEMO_SUMMARY.exists():
         lora_eval, summary = json.loads(LORA_EVAL.read_text()), json.loads(DEMO_SUMMARY.read_text())
     return compose_readme(report, lora_eval, summary, lora_eval["source"] if lora_eval else "")
 
