@@ -12,6 +12,7 @@ from lorakit.paths import EMBEDDED_DEMO_ADAPTER, EMBEDDED_DIR, REPO_ROOT
 LORA_EVAL = REPO_ROOT / "docs" / "results" / "eval" / "eval_results.json"
 DEMO_SUMMARY = EMBEDDED_DEMO_ADAPTER / "train_summary.json"
 
+JUDGE_BAR = ">= 0.95"
 BARS = {
     "base": ("base prompts", ">= 0.90"),
     "heldout": ("held-out combinations", ">= 0.85"),
@@ -105,10 +106,10 @@ def _figures(report: dict) -> str:
         (
             f"Judge top-1 on fresh world images (all {quality['candidates']} captions)",
             judge["all_concepts"],
-            ">= 0.95",
+            JUDGE_BAR,
         ),
-        ("Judge top-1 on fresh hard negatives (blobs)", judge["hard_negatives_blobs"], ">= 0.95"),
-        ("Judge top-1 on fresh adapter-concept images", judge["adapter_concept"], ">= 0.95"),
+        ("Judge top-1 on fresh hard negatives (blobs)", judge["hard_negatives_blobs"], JUDGE_BAR),
+        ("Judge top-1 on fresh adapter-concept images", judge["adapter_concept"], JUDGE_BAR),
     ]
     for name, (label, bar) in BARS.items():
         figure = quality["base_pipeline_r_precision"][name]

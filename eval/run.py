@@ -16,18 +16,7 @@ from eval.report import comparison_grid, markdown_table, write_report
 from lorakit.lora import ADAPTER_WEIGHT_NAME
 from lorakit.metrics import clip_r_precision, clip_score
 from lorakit.params import pipeline_parameter_counts
-
-
-def shown_path(location: str | Path) -> str:
-    """A local path as the report shows it: relative to the working directory when inside it (no machine paths
-    in committed results), anything else (a Hub id, a path elsewhere) unchanged."""
-    path = Path(location)
-    if not path.is_absolute():
-        return str(location)
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(location)
+from lorakit.paths import shown_path
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lorakit.lora import DEFAULT_TEXT_ENCODER_TARGET_MODULES, DEFAULT_UNET_TARGET_MODULES
-from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_PIPELINE, REPO_ROOT, SHAPES_PRESET
+from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_PIPELINE, REPO_ROOT, SHAPES_PRESET, shown_path
 
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
 LR_SCHEDULER_CHOICES = (
@@ -34,17 +34,10 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
 
 
-def _relative_to_repo(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 @dataclass
 class ModelConfig:
     pretrained_model_name_or_path: str = field(
-        default=_relative_to_repo(EMBEDDED_PIPELINE),
+        default=shown_path(EMBEDDED_PIPELINE),
         metadata={"help": "Base model: a Hub id (e.g. nota-ai/bk-sdm-tiny) or a local diffusers folder."},
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit) of the model."})
@@ -62,7 +55,7 @@ class DataConfig:
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config name of the Hub dataset."})
     train_data_dir: str | None = field(
-        default=_relative_to_repo(EMBEDDED_ADAPTER_DATA),
+        default=shown_path(EMBEDDED_ADAPTER_DATA),
         metadata={"help": "Local folder: an imagefolder with metadata.jsonl, parquet files, or save_to_disk output."},
     )
     image_column: str | None = field(default=None, metadata={"help": "Image column (detected when not given)."})
@@ -343,7 +336,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
-            f"Config file {path} does not exist. Presets live in {_relative_to_repo(REPO_ROOT)}/configs/."
+            f"Config file {path} does not exist. Presets live in {shown_path(REPO_ROOT)}/configs/."
         )
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
@@ -366,7 +359,7 @@ def _resolve_paths(flat: dict[str, Any], base: Path) -> dict[str, Any]:
     for key in ("pretrained_model_name_or_path", "train_data_dir"):
         value = flat.get(key)
         if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
-            flat[key] = _relative_to_repo((base / value).resolve())
+            flat[key] = shown_path((base / value).resolve())
     return flat
 
 

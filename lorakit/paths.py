@@ -15,3 +15,15 @@ EMBEDDED_PROMPTS = EMBEDDED_DIR / "prompts"
 CONFIGS_DIR = REPO_ROOT / "configs"
 SHAPES_PRESET = CONFIGS_DIR / "shapes.yaml"
 BK_SDM_TINY_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "bk-sdm-tiny"
+
+
+def shown_path(location: str | Path) -> str:
+    """A local path as configs and reports show it: relative to the working directory when inside it (no machine
+    paths in saved configs or committed results); anything else (a Hub id, a path elsewhere) unchanged."""
+    path = Path(location)
+    if not path.is_absolute():
+        return str(location)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(location)

@@ -21,10 +21,10 @@ from eval.cli import main, options_from_args
 from eval.generate import GenerationSettings, generate
 from eval.models import adapter_mismatches, adapter_state_dict, load_clip
 from eval.prompts import EvalInputError, candidate_prompts, load_prompt_sets, read_prompt_file
-from eval.run import EvalOptions, evaluate, shown_path
+from eval.run import EvalOptions, evaluate
 from lorakit.metrics import clip_embeddings, clip_r_precision, clip_score, r_precision, truncate_prompts
 from lorakit.params import lora_parameter_count
-from lorakit.paths import EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE
+from lorakit.paths import EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE, shown_path
 from lorakit.tokenizer import build_clip_tokenizer
 
 PROMPTS = ["a red circle on a white background", "a blue square on a white background"]
