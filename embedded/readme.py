@@ -132,8 +132,17 @@ KNOWN_GAP = """\
 so its embedding sits between red and blue, and a UNet that draws the base concepts well interpolates: magenta
 and violet shapes that the judge reads as purple (the "before any LoRA" figure below, against a bar of 0.20).
 A weaker base drew purple less often only because it drew everything less well. The LoRA still sharpens the
-colour (figures at the end), but the adapter concept should become one no blend of known words can reach,
-such as a style (stripes, outlines) on every shape. That is the next step for this world.
+colour (figures at the end). Two concepts that no blend of known words reaches were built in full (same sizes,
+same command, in one-off experiments whose code is not kept) and measured; neither is better overall, so the
+committed world keeps purple:
+
+- *Hollow outlines on every shape* (a style): 0.035 before any LoRA, but the one-epoch LoRA did not learn it
+  (0.06 after, on 100 images, while base prompts fell from 0.87 to 0.52; at learning rates 1e-4 to 3e-4, over
+  four epochs, or with feed-forward layers added, 0.02 or less). That base also scored lower: 0.854 on base
+  prompts, 0.778 held out, blobs judged at 0.842.
+- *A pink background behind every shape*: 0.021 before any LoRA, but the base fell to 0.743 on base prompts
+  (0.660 held out), often orange drawn as yellow or red, and a LoRA that learns the pink also recolours the
+  shapes: 0.15 at most on the adapter concept, with base prompts at 0.35 to 0.63 (learning rates 1e-4 to 1e-3).
 
 """
 
