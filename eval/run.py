@@ -150,7 +150,7 @@ def evaluate(options: EvalOptions) -> dict:
         "lora": options.lora,
         "clip_model": shown_path(options.clip_model),
         "num_candidates": len(candidates),
-        "candidates_file": options.candidates,
+        "candidates_file": shown_path(options.candidates) if options.candidates else None,
         "candidates": candidates,
         "settings": settings_report(settings, pipe, options.device),
         "prompt_sets": score_prompt_sets(prompt_sets, base, adapted, candidates, clip),

@@ -341,8 +341,11 @@ def test_adapter_loads_into_the_same_pipeline_and_changes_images(tiny_pipeline_d
 
 
 def test_evaluate_writes_report_and_updates_card(
-    tiny_pipeline_dir, tiny_adapter_dir, random_clip_dir, prompt_files, tmp_path
+    tiny_pipeline_dir, tiny_adapter_dir, random_clip_dir, prompt_files, tmp_path, monkeypatch
 ):
+    monkeypatch.chdir(tmp_path)
+    candidates = tmp_path / "candidates.txt"  # a prompt already evaluated: no new candidate, only the file's path
+    candidates.write_text(PROMPTS[0] + "\n")
     card_dir = tmp_path / "card"
     card_dir.mkdir()
     (card_dir / "README.md").write_text(
@@ -353,11 +356,13 @@ def test_evaluate_writes_report_and_updates_card(
         lora=str(tiny_adapter_dir),
         clip_model=str(random_clip_dir),
         prompts=[str(p) for p in prompt_files],
+        candidates=str(candidates),
         output_dir=str(tmp_path / "out"),
         generation=GenerationSettings(seeds=(0, 1), num_inference_steps=2),
         update_card=str(card_dir),
     )
     results = evaluate(options)
+    assert results["candidates_file"] == "candidates.txt"  # no machine path in a report
     out = tmp_path / "out"
     assert json.loads((out / "eval_results.json").read_text()) == json.loads(json.dumps(results))
     assert "| base | 2 | 4 |" in (out / "eval_results.md").read_text()
