@@ -2,8 +2,9 @@
 
 Steps: render the datasets and prompt files; train the CLIP judge and the VAE side by side (one thread
 each); encode latents and text once; pretrain the UNet on the base cache (two threads); save a stock
-diffusers pipeline; measure the quality bars into build_report.json and render README.md from it.
-The judge's text tower is the pipeline's text encoder: one CLIP, trained once.
+diffusers pipeline; refine the judge's vision tower against its frozen text tower; measure the quality
+bars into build_report.json and render README.md from it. The judge's text tower is the pipeline's text
+encoder: one CLIP, whose text side is trained once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from embedded.dataset import write_imagefolder, write_prompts
 from embedded.measure import judge_accuracy, pipeline_r_precision
 from embedded.models import make_sampler, make_tokenizer, make_train_scheduler, make_unet
 from embedded.readme import render as render_readme
-from embedded.train_clip import train_clip
+from embedded.train_clip import refine_judge, train_clip
 from embedded.train_unet import build_cache, train_unet
 from embedded.train_vae import train_vae
 from lorakit.params import count_parameters
@@ -50,8 +51,12 @@ class BuildSizes:
     clip_pool: int = 14400
     vae_steps: int = 1000
     vae_pool: int = 8000
-    unet_steps: int = 1500
-    unet_batch: int = 128
+    # 1.8x the updates of 1500 steps of batch 128 for 1.07x the CPU time; judged by one refined judge, base
+    # prompts went 0.882 -> 0.944 and held-out combinations 0.708 -> 0.868 (144 images each)
+    unet_steps: int = 2700
+    unet_batch: int = 64
+    judge_refine_steps: int = 800
+    judge_confusable_pool: int = 12000
     inference_steps: int | None = None  # None: the pipeline's default call settings
     parallel: bool = True  # CLIP and VAE in two processes; the smoke run trains them in-process
     judge_images: int = 720
@@ -68,6 +73,8 @@ SMOKE = BuildSizes(
     vae_pool=64,
     unet_steps=3,
     unet_batch=8,
+    judge_refine_steps=3,
+    judge_confusable_pool=24,
     judge_images=72,
     images_per_seed=2,
     seeds=(0,),
@@ -210,18 +217,34 @@ def assemble_pipeline(work: Path, out: Path, sizes: BuildSizes, seed: int) -> di
     return {**log, "scaling_factor": cache.scaling_factor, "cached_latents": len(cache.mean)}
 
 
+def refine(work: Path, sizes: BuildSizes, seed: int) -> str:
+    """The judge's second stage (vision tower only) into work/judge; skipped when a resumed build has it."""
+    if (work / "judge" / "config.json").exists():
+        return "resumed: already refined in _work"
+    result = refine_judge(
+        work / "clip",
+        work / "judge",
+        sizes.judge_refine_steps,
+        sizes.clip_pool,
+        sizes.judge_confusable_pool,
+        seed=seed,
+    )
+    return str(result)
+
+
 def save_clip(work: Path, out: Path) -> None:
-    """Copy the trained judge (model, processor, tokenizer) to out/clip."""
-    model = CLIPModel.from_pretrained(work / "clip")
-    processor = CLIPProcessor.from_pretrained(work / "clip")
+    """Copy the refined judge (model, processor, tokenizer) to out/clip."""
+    model = CLIPModel.from_pretrained(work / "judge")
+    processor = CLIPProcessor.from_pretrained(work / "judge")
     model.save_pretrained(out / "clip")
     processor.save_pretrained(out / "clip")
 
 
-def measure(out: Path, sizes: BuildSizes, seed: int) -> dict:
+def measure(out: Path, sizes: BuildSizes, seed: int, first_stage_clip: Path) -> dict:
     """Every quality bar, on the saved artifacts reloaded the way users load them."""
     model = CLIPModel.from_pretrained(out / "clip").eval()
     processor = CLIPProcessor.from_pretrained(out / "clip")
+    first_stage = CLIPModel.from_pretrained(first_stage_clip).eval()
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     fresh = seed + 10_000  # a seed no training set used
@@ -235,6 +258,10 @@ def measure(out: Path, sizes: BuildSizes, seed: int) -> dict:
         ),
         "adapter_concept": judge_accuracy(
             model, processor, world.adapter_concepts(), sizes.judge_images // 6, fresh + 2
+        ),
+        # the same blobs for the judge before refine_judge: what its second stage is for
+        "hard_negatives_blobs_first_stage": judge_accuracy(
+            first_stage, processor, world.distractor_concepts(), sizes.judge_images // 6, fresh + 1
         ),
     }
     rprec = {
@@ -274,10 +301,12 @@ def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_CO
     log(f"CLIP and VAE trained: {report['clip_vae_logs']}; training the UNet", start)
     torch.set_num_threads(2)
     report["unet"] = assemble_pipeline(work, out, sizes, seed)
+    log(f"pipeline saved: {report['unet']}; refining the judge", start)
+    report["judge_refine_log"] = refine(work, sizes, seed)
     save_clip(work, out)
     report["train_seconds"] = time.time() - start
-    log(f"pipeline saved: {report['unet']}; measuring", start)
-    report["quality"] = measure(out, sizes, seed)
+    log(f"judge refined: {report['judge_refine_log']}; measuring", start)
+    report["quality"] = measure(out, sizes, seed, first_stage_clip=work / "clip")
     log("measured", start)
     report["params"] = report["quality"].pop("params")
     report["build_seconds"] = time.time() - start

@@ -72,10 +72,15 @@ a miss. The judge is trained contrastively against all caption variants of all c
 
 - Tokenizer: `lorakit.tokenizer.build_clip_tokenizer(world words)`: each world word is one token; unknown
   words still tokenize byte by byte.
-- CLIP judge, {clip_params} parameters, trained contrastively for {clip_steps} steps (`train_clip.py`): a
-  4-layer ViT with 8 px patches, 128 wide, and a 2-layer text tower, 64 wide. 8 px patches on a wider tower
-  told circles from blobs better per CPU-second than 4 px patches on a 64-wide one. Its text tower is the
-  pipeline's text encoder, so judge and pipeline read prompts the same way.
+- CLIP judge, {clip_params} parameters (`train_clip.py`): a 4-layer ViT with 8 px patches, 128 wide, and a
+  2-layer text tower, 64 wide. 8 px patches on a wider tower told circles from blobs better per CPU-second
+  than 4 px patches on a 64-wide one. Its text tower is the pipeline's text encoder, so judge and pipeline
+  read prompts the same way. Trained contrastively in two stages: {clip_steps} steps of the whole model on
+  {clip_pool:,} renders, then {refine_steps} steps of the vision tower alone against the frozen text tower, on
+  the same renders plus {confusable_pool:,} fresh circles and blobs. After the first stage the judge had
+  memorised its pool: it named {first_stage_blobs:.3f} of the fresh blobs in the table below correctly and
+  took most of the rest for circles. The second stage fixes that and leaves the text encoder, and so the
+  UNet trained on it, exactly as they were.
 - VAE: `AutoencoderKL`, 32 px -> 4x8x8 latents, {vae_params} parameters, {vae_steps} steps;
   `scaling_factor` = 1/std of the base latents = {scaling_factor:.4f} (measured, stored in the config).
 - Text encoder: the judge's text tower as a frozen `CLIPTextModel` (cross-attention width 64).
@@ -128,13 +133,13 @@ def _figures(report: dict) -> str:
 
 # shown only while the base draws the adapter concept above its bar before any LoRA
 KNOWN_GAP = """\
-**Known gap: a good base half-draws purple already.** The text encoder learned "purple" from purple pictures,
-so its embedding sits between red and blue, and a UNet that draws the base concepts well interpolates: magenta
-and violet shapes that the judge reads as purple (the "before any LoRA" figure below, against a bar of 0.20).
-A weaker base drew purple less often only because it drew everything less well. The LoRA still sharpens the
-colour (figures at the end). Two concepts that no blend of known words reaches were built in full (same sizes,
-same command, in one-off experiments whose code is not kept) and measured; neither is better overall, so the
-committed world keeps purple:
+**Known gap: the base half-draws purple already.** The text encoder learned "purple" from purple pictures, so
+its embedding sits between red and blue, and a UNet that composes colour words well (the held-out figure below)
+blends them into magenta and violet shapes that the judge reads as purple (the "before any LoRA" figure below,
+against a bar of 0.20). The skill that the held-out bar asks for is the one that draws an unseen colour word.
+The LoRA still sharpens the colour (figures at the end). Two concepts that no blend of known words reaches
+were built in full and measured, with the previous build (UNet 1500 steps of batch 128, a one-stage judge) in
+one-off experiments whose code is not kept. Neither was better overall, so the committed world keeps purple:
 
 - *Hollow outlines on every shape* (a style): 0.035 before any LoRA, but the one-epoch LoRA did not learn it
   (0.06 after, on 100 images, while base prompts fell from 0.87 to 0.52; at learning rates 1e-4 to 3e-4, over
@@ -211,6 +216,10 @@ def compose_readme(
         candidates=report["quality"]["candidates"],
         clip_params=f"{report['params']['clip']:,}",
         clip_steps=report["sizes"]["clip_steps"],
+        clip_pool=report["sizes"]["clip_pool"],
+        refine_steps=report["sizes"]["judge_refine_steps"],
+        confusable_pool=report["sizes"]["judge_confusable_pool"],
+        first_stage_blobs=report["quality"]["judge_top1"]["hard_negatives_blobs_first_stage"],
         vae_params=f"{report['params']['vae']:,}",
         vae_steps=report["sizes"]["vae_steps"],
         scaling_factor=unet["scaling_factor"],

@@ -14,6 +14,7 @@ from transformers import CLIPModel, CLIPProcessor
 from embedded import readme, world
 from embedded.build import main as build_main
 from embedded.measure import candidate_captions, to_uint8
+from embedded.train_clip import refine_judge, train_clip
 from lorakit.metrics import clip_r_precision
 from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS
 
@@ -49,10 +50,29 @@ def test_smoke_rebuild_writes_every_artifact(tmp_path):
     assert CLIPModel.from_pretrained(tmp_path / "clip").config.text_config.vocab_size == len(pipe.tokenizer)
     assert (tmp_path / "prompts" / "heldout.txt").read_text().splitlines()
     assert not (tmp_path / "_work").exists()
+    assert "judge_refine_log" in report
+
+
+def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    a, b = first.state_dict(), second.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refining_the_judge_trains_its_vision_tower_only(tmp_path):
+    train_clip(tmp_path / "clip", steps=2, pool_size=144)
+    log = refine_judge(tmp_path / "clip", tmp_path / "judge", steps=2, pool_size=144, confusable_size=24)
+    first, refined = (CLIPModel.from_pretrained(tmp_path / name) for name in ("clip", "judge"))
+    assert log["pool_size"] == 144 + 24
+    # the text tower is the pipeline's text encoder: refining the judge must not move what the UNet reads
+    assert same_weights(first.text_model, refined.text_model)
+    assert same_weights(first.text_projection, refined.text_projection)
+    assert torch.equal(first.logit_scale, refined.logit_scale)
+    assert not same_weights(first.vision_model, refined.vision_model)
 
 
 def test_committed_pipeline_is_stock_and_consistent(committed_pipeline):
     pipe = committed_pipeline
+    assert same_weights(CLIPModel.from_pretrained(EMBEDDED_CLIP).text_model, pipe.text_encoder)
     assert isinstance(DiffusionPipeline.from_pretrained(EMBEDDED_PIPELINE), StableDiffusionPipeline)
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32
