@@ -106,6 +106,20 @@ def caption_tokens(tokenizer: CLIPTokenizer) -> torch.Tensor:
     return tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt")["input_ids"]
 
 
+def save_judge(
+    model: CLIPModel, processor: CLIPProcessor, out_dir: Path, losses: list[float], pool_size: int, start: float
+) -> dict:
+    """Save model and processor (`save_pretrained`) to `out_dir`; return the stage's small log."""
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return {
+        "steps": len(losses),
+        "pool_size": pool_size,
+        "final_loss": float(np.mean(losses[-20:])),
+        "seconds": time.time() - start,
+    }
+
+
 def train_clip(
     out_dir: Path, steps: int, pool_size: int, batch_size: int = 128, lr: float = 2e-3, seed: int = 0
 ) -> dict:
@@ -126,14 +140,7 @@ def train_clip(
         warmup=50,
         seed=seed,
     )
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return {
-        "steps": steps,
-        "pool_size": pool_size,
-        "final_loss": float(np.mean(losses[-20:])),
-        "seconds": time.time() - start,
-    }
+    return save_judge(model, processor, out_dir, losses, pool_size, start)
 
 
 def refine_judge(
@@ -148,10 +155,10 @@ def refine_judge(
 ) -> dict:
     """Second stage: sharpen the judge's eyes while its text tower, the pipeline's text encoder, stays frozen.
 
-    After the first stage the judge still read about 7% of fresh blobs as circles: its vision tower had
-    memorised its 14,400-image pool. Fresh renders of the confusable pair fix that (blobs 0.93 -> 0.98 in
-    the run that chose these sizes). Only the vision side trains, so the text tower, and therefore the UNet
-    trained on its states, is bit for bit what the first stage made.
+    After the first stage the judge still took some fresh blobs for circles: its vision tower had memorised
+    its pool. Fresh renders of the confusable pair fix that (build_report.json measures the blobs before and
+    after). Only the vision side trains, so the text tower, and therefore the UNet trained on its states, is
+    bit for bit what the first stage made.
     """
     start = time.time()
     model, processor = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
@@ -174,14 +181,7 @@ def refine_judge(
         warmup=20,
         seed=seed,
     )
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return {
-        "steps": steps,
-        "pool_size": pool_size + confusable_size,
-        "final_loss": float(np.mean(losses[-20:])),
-        "seconds": time.time() - start,
-    }
+    return save_judge(model, processor, out_dir, losses, pool_size + confusable_size, start)
 
 
 def main(argv: list[str] | None = None) -> None:
