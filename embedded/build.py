@@ -51,8 +51,8 @@ class BuildSizes:
     clip_pool: int = 14400
     vae_steps: int = 1000
     vae_pool: int = 8000
-    # 1.8x the updates of 1500 steps of batch 128 for 1.07x the CPU time; judged by one refined judge, base
-    # prompts went 0.882 -> 0.944 and held-out combinations 0.708 -> 0.868 (144 images each)
+    # 1.8x the updates of 1500 steps of batch 128 for 1.17x the UNet time (884 s -> 1031 s in the two builds);
+    # judged by one refined judge, base prompts went 0.882 -> 0.944, held-out 0.708 -> 0.868 (144 images each)
     unet_steps: int = 2700
     unet_batch: int = 64
     judge_refine_steps: int = 800
