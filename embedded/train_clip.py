@@ -25,6 +25,7 @@ from embedded import world
 from embedded.models import CLIP_MEAN, CLIP_STD, make_clip, make_processor, make_tokenizer
 
 TEXT_LENGTH = 16  # world captions are < 12 tokens; the text tower is causal, so padding length changes nothing
+POOL_SEED_OFFSET = 101  # the first stage's render pool; refine_judge renders the very same pool again
 # the pair the first-stage judge confused most (a lumpy blob read as a circle), rendered afresh for refine_judge
 CONFUSABLE_SHAPES = ("circle", world.DISTRACTOR_SHAPE)
 
@@ -127,7 +128,7 @@ def train_clip(
     start = time.time()
     tokenizer = make_tokenizer()
     model, processor = make_clip(tokenizer, seed), make_processor(tokenizer)
-    pixels, owners = training_pool(world.all_concepts(), pool_size, seed + 101)
+    pixels, owners = training_pool(world.all_concepts(), pool_size, seed + POOL_SEED_OFFSET)
     tokens = caption_tokens(tokenizer)
     losses = contrastive_steps(
         model,
@@ -165,7 +166,7 @@ def refine_judge(
     for frozen in (model.text_model, model.text_projection):
         frozen.requires_grad_(False)
     model.logit_scale.requires_grad_(False)
-    pixels, owners = training_pool(world.all_concepts(), pool_size, seed + 101)
+    pixels, owners = training_pool(world.all_concepts(), pool_size, seed + POOL_SEED_OFFSET)
     confusable = [c for c in world.all_concepts() if c.shape in CONFUSABLE_SHAPES]
     extra_pixels, extra_owners = training_pool(confusable, confusable_size, seed + 303)
     with torch.no_grad():
