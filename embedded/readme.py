@@ -149,6 +149,21 @@ one-off experiments whose code is not kept. Neither was better overall, so the c
   (0.660 held out), often orange drawn as yellow or red, and a LoRA that learns the pink also recolours the
   shapes: 0.15 at most on the adapter concept, with base prompts at 0.35 to 0.63 (learning rates 1e-4 to 1e-3).
 
+A third one-off experiment, on this build, kept purple and made the text encoder forget the word instead: after the
+first stage, the "purple" token's input embedding was redrawn at random (orthogonal to the five colour words'
+embeddings, at 1x or 3x their norm), the judge's vision tower was refined against it, and the UNet stayed bit for
+bit the same, since base captions never contain the word. The base then drew mostly red or green shapes for
+purple prompts: 0.222 (1x) and 0.139 (3x) before any LoRA, 144 images each, with the judge still at 0.996 on all
+captions and 1.000 on purple. But the one-epoch LoRA now had a new colour to learn from a meaningless token, and
+the update that learned it also turned shapes into blobs and orange into yellow or red. On 50 adapter and 210 base
+images (25 steps), no setting met both after-LoRA bars (>= 0.60 on purple, and base prompts, 0.94 to 0.95 before,
+falling by at most 0.10):
+at 3x, lr 5e-4 gave 0.66 with base prompts at 0.73; replaying base images 1:1 at lr 1e-3 gave 0.54 and 0.83,
+and 1:2 at lr 3e-3 gave 0.74 and 0.78. Rank 4, cross-attention only, and a text-encoder LoRA did worse. At 1x:
+lr 3e-4 gave 0.38 and 0.85; lr 5e-4 gave 0.58 and 0.73. The purple that the committed base draws is genuinely
+violet: the 13 of 20 sampled shapes that the judge read as purple averaged (128, 68, 174) in RGB, against the
+world's (140, 40, 190). So a judge with more colour distractors would not honestly lower the figure either.
+
 """
 
 LORA_BARS = {"adapter_after": ">= 0.60", "base_drop": "<= 0.10"}
