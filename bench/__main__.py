@@ -30,28 +30,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="Time the trainer's steps phase by phase.")
-    train.add_argument("--cases", nargs="+", default=None,
-                       help=f"Cases to run (default on CPU: {' '.join(CPU_CASES)}; on a GPU: gpu).")
-    train.add_argument("--model", type=Path, default=None,
-                       help="Use this diffusers folder instead of the BK-SDM-Tiny architecture (quick checks).")
-    train.add_argument("--embedded", type=Path, default=None,
-                       help="A pipeline of the embedded architecture to use instead of embedded/pipeline.")
-    train.add_argument("--embedded_data", type=Path, default=None,
-                       help="The embedded adapter data from another folder (same rows) for the embedded-default case.")
+    train.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help=f"Cases to run (default on CPU: {' '.join(CPU_CASES)}; on a GPU: gpu).",
+    )
+    train.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="Use this diffusers folder instead of the BK-SDM-Tiny architecture (quick checks).",
+    )
+    train.add_argument(
+        "--embedded",
+        type=Path,
+        default=None,
+        help="A pipeline of the embedded architecture to use instead of embedded/pipeline.",
+    )
+    train.add_argument(
+        "--embedded_data",
+        type=Path,
+        default=None,
+        help="The embedded adapter data from another folder (same rows) for the embedded-default case.",
+    )
     generate = commands.add_parser("generate", help="Seconds per image with the Space's code, and its cold start.")
     generate.add_argument("--base", default=None, help="Base pipeline (default: the Space's default).")
     generate.add_argument("--adapter", default=None, help="LoRA adapter (default: the Space's default).")
     generate.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the Space's default).")
     generate.add_argument("--device", default=None, choices=["cpu", "cuda"], help="Default: cuda when available.")
-    generate.add_argument("--no-cold_start", dest="cold_start", action="store_false",
-                          help="Skip the Space cold-start measurement.")
+    generate.add_argument(
+        "--no-cold_start", dest="cold_start", action="store_false", help="Skip the Space cold-start measurement."
+    )
     for sub in (train, generate):
         sub.add_argument("--note", default=None, help="A sentence stored with the results and shown in the docs.")
         sub.add_argument("--short", action="store_true", help="A few steps only (CI): checks the bench still runs.")
-        sub.add_argument("--out", type=Path, default=None,
-                         help="Result JSON (default: bench/results/<kind>-<device>.json).")
-        sub.add_argument("--work_dir", type=Path, default=DEFAULT_WORK_DIR,
-                         help="Scratch space: reference model (2 GB, reused), data, runs.")
+        sub.add_argument(
+            "--out", type=Path, default=None, help="Result JSON (default: bench/results/<kind>-<device>.json)."
+        )
+        sub.add_argument(
+            "--work_dir",
+            type=Path,
+            default=DEFAULT_WORK_DIR,
+            help="Scratch space: reference model (2 GB, reused), data, runs.",
+        )
     report = commands.add_parser("report", help="Render docs/benchmarks.md from the result JSON files.")
     report.add_argument("--results", type=Path, default=RESULTS_DIR)
     report.add_argument("--out", type=Path, default=DOCS_FILE)
@@ -80,8 +102,15 @@ def main(argv: list[str] | None = None) -> int:
             payload = {"cases": records, "checks": checks, "note": args.note}
             write_results(out, "train", args.short, shown, payload, machine)
 
-        run_train_bench(names, args.work_dir, args.short, args.model, on_record=save, embedded=args.embedded,
-                        embedded_data=args.embedded_data)
+        run_train_bench(
+            names,
+            args.work_dir,
+            args.short,
+            args.model,
+            on_record=save,
+            embedded=args.embedded,
+            embedded_data=args.embedded_data,
+        )
     else:
         from bench.generate import default_models, run_generate_bench
 

@@ -53,8 +53,12 @@ def time_round_robin(app, variants: dict, prompt: str, repeats: int, device: str
         for name, (pipe, steps) in variants.items():
             times[name].append(seconds_per_image(app, pipe, prompt, steps, device)[0])
     return {
-        name: {"steps": variants[name][1], "seconds_per_image": statistics.median(values), "samples": values,
-               "pixels": pixels[name]}
+        name: {
+            "steps": variants[name][1],
+            "seconds_per_image": statistics.median(values),
+            "samples": values,
+            "pixels": pixels[name],
+        }
         for name, values in times.items()
     }
 
@@ -89,8 +93,15 @@ def space_cold_start(base: str, adapter: str, steps: int, prompt: str, log_path:
     from gradio_client import Client
 
     port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "BASE_MODEL": base, "LORA_ADAPTER": adapter}
+    env = {
+        **os.environ,
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "BASE_MODEL": base,
+        "LORA_ADAPTER": adapter,
+    }
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     url = f"http://127.0.0.1:{port}/"
@@ -121,8 +132,9 @@ def space_cold_start(base: str, adapter: str, steps: int, prompt: str, log_path:
     return {"serving_s": serving_s, "first_image_s": first_image_s, "steps": steps}
 
 
-def run_generate_bench(base: str, adapter: str, device: str, steps: int | None, short: bool, work_dir: Path,
-                       cold_start: bool = True) -> dict:
+def run_generate_bench(
+    base: str, adapter: str, device: str, steps: int | None, short: bool, work_dir: Path, cold_start: bool = True
+) -> dict:
     """Every generation figure for one base + adapter, measured in this process (ratios from one run)."""
     app = load_space_app()
     steps = steps or app.DEFAULT_STEPS
@@ -226,11 +238,29 @@ def one_step_adapter(base: str, work_dir: Path) -> str:
         return str(out)
     data = make_image_folder(work_dir / "data-png-64-4", 4, 64)
     AcceleratorState._reset_state(reset_partial_state=True)
-    train_lora.train(parse_args([
-        "--config", str(SHAPES_PRESET), "--pretrained_model_name_or_path", base, "--train_data_dir", str(data),
-        "--resolution", "64", "--train_batch_size", "1",
-        "--max_train_steps", "1", "--output_dir", str(out), "--overwrite_output_dir", "--report_to", "none",
-        "--validation_prompt",
-    ]))
+    train_lora.train(
+        parse_args(
+            [
+                "--config",
+                str(SHAPES_PRESET),
+                "--pretrained_model_name_or_path",
+                base,
+                "--train_data_dir",
+                str(data),
+                "--resolution",
+                "64",
+                "--train_batch_size",
+                "1",
+                "--max_train_steps",
+                "1",
+                "--output_dir",
+                str(out),
+                "--overwrite_output_dir",
+                "--report_to",
+                "none",
+                "--validation_prompt",
+            ]
+        )
+    )
     AcceleratorState._reset_state(reset_partial_state=True)
     return str(out)

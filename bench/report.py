@@ -94,22 +94,45 @@ def note_lines(document: dict) -> list[str]:
 
 
 def train_table(cases: list[dict]) -> str:
-    header = ["case", "batch", "px", "s/step", "images/s", "start-up s", "first step s",
-              *[PHASE_LABELS[p] for p in PHASES], "other", "peak RSS MiB", "peak CUDA MiB"]
+    header = [
+        "case",
+        "batch",
+        "px",
+        "s/step",
+        "images/s",
+        "start-up s",
+        "first step s",
+        *[PHASE_LABELS[p] for p in PHASES],
+        "other",
+        "peak RSS MiB",
+        "peak CUDA MiB",
+    ]
     rows = []
     for c in cases:
-        rows.append([
-            f"`{c['name']}`", fmt(c["batch_size"]), fmt(c["resolution"]), fmt(c["step_s"]), fmt(c["images_per_s"]),
-            fmt(c["startup_s"]), fmt(c["time_to_first_step_s"] - c["startup_s"]),
-            *[pct(c["phase_share"][p]) for p in PHASES], pct(c["other_s"] / c["step_s"]),
-            fmt(c["peak_rss_mib"], 5), fmt(c["peak_cuda_mib"], 5),
-        ])
+        rows.append(
+            [
+                f"`{c['name']}`",
+                fmt(c["batch_size"]),
+                fmt(c["resolution"]),
+                fmt(c["step_s"]),
+                fmt(c["images_per_s"]),
+                fmt(c["startup_s"]),
+                fmt(c["time_to_first_step_s"] - c["startup_s"]),
+                *[pct(c["phase_share"][p]) for p in PHASES],
+                pct(c["other_s"] / c["step_s"]),
+                fmt(c["peak_rss_mib"], 5),
+                fmt(c["peak_cuda_mib"], 5),
+            ]
+        )
     return table(header, rows)
 
 
 def case_notes(cases: list[dict]) -> str:
-    return "\n".join(f"- `{c['name']}`: {c['description']}; {c['timed_steps']} timed steps; trainer flags "
-                     f"`{shown_flags(c['flags'])}`." for c in cases)
+    return "\n".join(
+        f"- `{c['name']}`: {c['description']}; {c['timed_steps']} timed steps; trainer flags "
+        f"`{shown_flags(c['flags'])}`."
+        for c in cases
+    )
 
 
 def shown_path(reference: str) -> str:
@@ -141,13 +164,24 @@ def cache_section(cases: list[dict], checks: dict) -> str:
     rows = []
     for c in cache_runs:
         for e in c.get("epochs", []):
-            rows.append([f"`{c['name']}`", fmt(e["epoch"]), fmt(e["step_s"]),
-                         pct(e["phase_share"]["vae_encoding"]), pct(e["phase_share"]["text_encoding"]),
-                         pct(e["phase_share"]["unet_forward_backward"]), fmt(c["startup_s"]),
-                         cache_state(c)])
-    parts = ["### `--cache_latents` (BK-SDM-Tiny architecture, CPU)", "",
-             table(["run", "epoch", "s/step", "VAE enc.", "text enc.", "UNet fwd+bwd", "start-up s", "cache"],
-                   rows), ""]
+            rows.append(
+                [
+                    f"`{c['name']}`",
+                    fmt(e["epoch"]),
+                    fmt(e["step_s"]),
+                    pct(e["phase_share"]["vae_encoding"]),
+                    pct(e["phase_share"]["text_encoding"]),
+                    pct(e["phase_share"]["unet_forward_backward"]),
+                    fmt(c["startup_s"]),
+                    cache_state(c),
+                ]
+            )
+    parts = [
+        "### `--cache_latents` (BK-SDM-Tiny architecture, CPU)",
+        "",
+        table(["run", "epoch", "s/step", "VAE enc.", "text enc.", "UNet fwd+bwd", "start-up s", "cache"], rows),
+        "",
+    ]
     cache = checks.get("cache_latents")
     if cache:
         parts += [
@@ -176,24 +210,32 @@ def train_section(document: dict) -> str:
     if main:
         parts += [train_table(main), "", case_notes(main), ""]
     if "embedded_data_wait_share" in checks:
-        parts.append(f"- Embedded default, default data settings: data wait is "
-                     f"{pct(checks['embedded_data_wait_share'])} of step time (< 5%: "
-                     f"{fmt(checks['embedded_data_wait_below_5_percent'])}).")
+        parts.append(
+            f"- Embedded default, default data settings: data wait is "
+            f"{pct(checks['embedded_data_wait_share'])} of step time (< 5%: "
+            f"{fmt(checks['embedded_data_wait_below_5_percent'])})."
+        )
     lever = {c["name"]: c for c in main}.get("embedded-workers0")
     if lever and "embedded_data_wait_share" in checks:
-        parts.append(f"- Same with no DataLoader workers: data wait {pct(lever['phase_share']['data_wait'])}, "
-                     f"step time {lever['step_s'] / {c['name']: c for c in main}['embedded-default']['step_s']:.2f}x.")
+        parts.append(
+            f"- Same with no DataLoader workers: data wait {pct(lever['phase_share']['data_wait'])}, "
+            f"step time {lever['step_s'] / {c['name']: c for c in main}['embedded-default']['step_s']:.2f}x."
+        )
     if "jpeg_data_wait_share" in checks:
         below = fmt(checks["jpeg_data_wait_below_10_percent"])
-        parts.append(f"- 1024 px JPEGs resized every step, default workers: data wait "
-                     f"{pct(checks['jpeg_data_wait_share'])} (< 10%: {below}).")
+        parts.append(
+            f"- 1024 px JPEGs resized every step, default workers: data wait "
+            f"{pct(checks['jpeg_data_wait_share'])} (< 10%: {below})."
+        )
     loading = {c["name"]: c for c in main if c.get("group") == "data-loading"}
     if len(loading) == 2:
         default, workers = loading["jpeg-embedded-workers0"], loading["jpeg-embedded-workers2"]
-        parts.append(f"- Data-loading levers on a fast model fed 1024 px JPEGs: data wait "
-                     f"{pct(default['phase_share']['data_wait'])} with the default settings, "
-                     f"{pct(workers['phase_share']['data_wait'])} with 2 workers and prefetch 4 "
-                     f"(step time {workers['step_s'] / default['step_s']:.2f}x).")
+        parts.append(
+            f"- Data-loading levers on a fast model fed 1024 px JPEGs: data wait "
+            f"{pct(default['phase_share']['data_wait'])} with the default settings, "
+            f"{pct(workers['phase_share']['data_wait'])} with 2 workers and prefetch 4 "
+            f"(step time {workers['step_s'] / default['step_s']:.2f}x)."
+        )
     compiled = {c["batch_size"]: c for c in main if c.get("tags", {}).get("compile")}
     eager = {c["batch_size"]: c for c in main if c.get("tags", {}).get("compile") is False}
     for batch in sorted(set(compiled) & set(eager)):
@@ -208,17 +250,29 @@ def generate_section(document: dict) -> str:
     default_s = document["variants"]["lora_unfused"]["seconds_per_image"]
     rows = []
     for name, v in document["variants"].items():
-        rows.append([VARIANT_LABELS.get(name, name), fmt(v["steps"]), fmt(v["seconds_per_image"]),
-                     f"{v['seconds_per_image'] / default_s:.2f}x"])
+        rows.append(
+            [
+                VARIANT_LABELS.get(name, name),
+                fmt(v["steps"]),
+                fmt(v["seconds_per_image"]),
+                f"{v['seconds_per_image'] / default_s:.2f}x",
+            ]
+        )
     r = document["ratios"]
     cold = document.get("space_cold_start")
     parts = [
-        f"## Generation ({device.upper()})", "", machine_line(document), "", *note_lines(document),
+        f"## Generation ({device.upper()})",
+        "",
+        machine_line(document),
+        "",
+        *note_lines(document),
         f"Base `{shown_path(document['base_model'])}`, adapter `{shown_path(document['adapter'])}`, "
         f"{document['image_px']} px images, "
-        f"{document['dtype']}, guidance 7.5, prompt \"{document['prompt']}\", median of {document['repeats']} "
-        "image(s) after one warm-up image each, through `space/app.py`'s own sampling code.", "",
-        table(["variant", "steps", "s/image", "vs Space default"], rows), "",
+        f'{document["dtype"]}, guidance 7.5, prompt "{document["prompt"]}", median of {document["repeats"]} '
+        "image(s) after one warm-up image each, through `space/app.py`'s own sampling code.",
+        "",
+        table(["variant", "steps", "s/image", "vs Space default"], rows),
+        "",
         f"- Fused LoRA / base model: {r['fused_over_base']:.3f}x (within 5%: "
         f"{fmt(document['checks']['fused_within_5_percent_of_base'])}); fused with the LoRA wrappers unloaded: "
         f"{r['fused_unloaded_over_base']:.3f}x (within 5%: "
@@ -233,8 +287,10 @@ def generate_section(document: dict) -> str:
         f"(base + adapter, `load_pipeline`): {fmt(document['pipeline_load_s'])} s.",
     ]
     if cold:
-        parts.append(f"- Space cold start (`python space/app.py` to the first image over the API): "
-                     f"{fmt(cold['first_image_s'])} s, of which {fmt(cold['serving_s'])} s until the server answered.")
+        parts.append(
+            f"- Space cold start (`python space/app.py` to the first image over the API): "
+            f"{fmt(cold['first_image_s'])} s, of which {fmt(cold['serving_s'])} s until the server answered."
+        )
     return "\n".join(parts) + "\n"
 
 
@@ -244,25 +300,31 @@ def closing_note(documents: list[dict]) -> str:
         if d["kind"] == "train":
             for c in d["cases"]:
                 if c.get("group") != "cache_latents":
-                    lines.append(f"- Training `{c['name']}`: {fmt(c['step_s'])} s/step, {fmt(c['images_per_s'])} "
-                                 f"images/s, data wait {pct(c['phase_share']['data_wait'])}, peak RSS "
-                                 f"{fmt(c['peak_rss_mib'], 5)} MiB (before the case: "
-                                 f"{fmt(c.get('rss_before_mib'), 5)} MiB).")
+                    lines.append(
+                        f"- Training `{c['name']}`: {fmt(c['step_s'])} s/step, {fmt(c['images_per_s'])} "
+                        f"images/s, data wait {pct(c['phase_share']['data_wait'])}, peak RSS "
+                        f"{fmt(c['peak_rss_mib'], 5)} MiB (before the case: "
+                        f"{fmt(c.get('rss_before_mib'), 5)} MiB)."
+                    )
             cache = d.get("checks", {}).get("cache_latents")
             if cache:
-                lines.append(f"- `--cache_latents`: second-epoch step time {pct(cache['epoch2_step_time_drop'])} "
-                             f"lower; VAE + text share without it {pct(cache['encoder_share_without_cache'])}; "
-                             f"same losses: {fmt(cache['same_loss_same_seed'])}; sweep reuses the cache: "
-                             f"{fmt(cache['sweep_cache_hit'])}.")
+                lines.append(
+                    f"- `--cache_latents`: second-epoch step time {pct(cache['epoch2_step_time_drop'])} "
+                    f"lower; VAE + text share without it {pct(cache['encoder_share_without_cache'])}; "
+                    f"same losses: {fmt(cache['same_loss_same_seed'])}; sweep reuses the cache: "
+                    f"{fmt(cache['sweep_cache_hit'])}."
+                )
         else:
             r = d["ratios"]
             cold = d.get("space_cold_start")
-            lines.append(f"- Generation ({d['device']}, {d['image_px']} px): "
-                         f"{fmt(d['variants']['lora_unfused']['seconds_per_image'])} s/image at the Space default; "
-                         f"fused/base {r['fused_over_base']:.3f}x (unloaded {r['fused_unloaded_over_base']:.3f}x), "
-                         f"unfused/base {r['unfused_over_base']:.3f}x, "
-                         f"PNDM-50/default {r['pndm_50_over_default']:.2f}x"
-                         + (f"; cold start {fmt(cold['first_image_s'])} s." if cold else "."))
+            lines.append(
+                f"- Generation ({d['device']}, {d['image_px']} px): "
+                f"{fmt(d['variants']['lora_unfused']['seconds_per_image'])} s/image at the Space default; "
+                f"fused/base {r['fused_over_base']:.3f}x (unloaded {r['fused_unloaded_over_base']:.3f}x), "
+                f"unfused/base {r['unfused_over_base']:.3f}x, "
+                f"PNDM-50/default {r['pndm_50_over_default']:.2f}x"
+                + (f"; cold start {fmt(cold['first_image_s'])} s." if cold else ".")
+            )
     return "\n".join(lines) + "\n"
 
 

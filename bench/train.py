@@ -77,8 +77,15 @@ def embedded_flags(pipeline: Path | None, data: Path | None = None) -> list[str]
 def run_case(case: TrainCase, work_dir: Path) -> dict:
     """Run `train_lora.train` with the case's flags and a step-stamping timer; return the figures."""
     out = work_dir / "runs" / case.name
-    flags = ["--report_to", "none", "--validation_prompt", "--output_dir", str(out), "--overwrite_output_dir",
-             *case.flags]
+    flags = [
+        "--report_to",
+        "none",
+        "--validation_prompt",
+        "--output_dir",
+        str(out),
+        "--overwrite_output_dir",
+        *case.flags,
+    ]
     cfg = parse_args(flags)
     AcceleratorState._reset_state(reset_partial_state=True)
     gc.collect()
@@ -185,9 +192,26 @@ def embedded_case(
 
 
 def bk_flags(model: Path, data: Path, resolution: int, batch: int) -> list[str]:
-    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution",
-            str(resolution), "--train_batch_size", str(batch), "--rank", "4", "--center_crop", "--no-random_flip",
-            "--learning_rate", "1e-4", "--seed", "0", "--mixed_precision", "no"]
+    return [
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--train_data_dir",
+        str(data),
+        "--resolution",
+        str(resolution),
+        "--train_batch_size",
+        str(batch),
+        "--rank",
+        "4",
+        "--center_crop",
+        "--no-random_flip",
+        "--learning_rate",
+        "1e-4",
+        "--seed",
+        "0",
+        "--mixed_precision",
+        "no",
+    ]
 
 
 def fixed_steps(steps: int) -> list[str]:
@@ -241,7 +265,9 @@ def jpeg_workers_cases(work_dir: Path, short: bool, pipeline: Path | None = None
             name=f"jpeg-embedded-{key}",
             description=f"embedded default fed {count} JPEGs of 1024 px, {description}",
             flags=[*base, "--train_data_dir", str(data), "--max_train_steps", str(steps), *flags],
-            batch_size=cfg.training.train_batch_size, resolution=cfg.data.resolution, group="data-loading",
+            batch_size=cfg.training.train_batch_size,
+            resolution=cfg.data.resolution,
+            group="data-loading",
         )
         for key, (description, flags) in settings.items()
     ]
@@ -256,14 +282,22 @@ def cache_cases(model: Path, work_dir: Path, short: bool, resolution: int = 64, 
     common = [*bk_flags(model, data, resolution, batch), "--num_train_epochs", "2"]
     cached = ["--cache_latents", "--latent_cache_dir", str(cache_dir)]
     make = lambda name, description, flags: TrainCase(  # noqa: E731
-        name=name, description=f"{model.name}, {resolution} px, batch {batch}, {description}", flags=flags,
-        batch_size=batch, resolution=resolution, steps_per_epoch=per_epoch, group="cache_latents",
+        name=name,
+        description=f"{model.name}, {resolution} px, batch {batch}, {description}",
+        flags=flags,
+        batch_size=batch,
+        resolution=resolution,
+        steps_per_epoch=per_epoch,
+        group="cache_latents",
     )
     return [
         make("cache-off", "2 epochs, no cache", common),
         make("cache-on", "2 epochs, --cache_latents (empty cache: encodes first)", [*common, *cached]),
-        make("cache-sweep-lr2e-4", "same data, --learning_rate 2e-4: reuses the cache",
-             [*common, *cached, "--learning_rate", "2e-4"]),
+        make(
+            "cache-sweep-lr2e-4",
+            "same data, --learning_rate 2e-4: reuses the cache",
+            [*common, *cached, "--learning_rate", "2e-4"],
+        ),
         # The uncached run again: the baseline is the mean of both, so drift in machine load hits both sides.
         make("cache-off-again", "2 epochs, no cache (repeat, brackets the cached runs)", common),
     ]
@@ -281,21 +315,38 @@ def gpu_cases(
     # cuts the stage, the figures that matter most are already written.
     for compiled in (False, True):
         for batch in sorted(batch_sizes, reverse=compiled):
-            flags = [*bk_flags(model, data, resolution, batch), "--mixed_precision", "bf16", "--allow_tf32",
-                     "--num_train_epochs", "1000", "--max_train_steps", str(steps)]
-            cases.append(TrainCase(
-                name=f"gpu-{resolution}px-bs{batch}" + ("-compile" if compiled else ""),
-                description=f"BK-SDM-Tiny, {resolution} px, bf16, batch {batch}" + (", --compile" if compiled else ""),
-                flags=[*flags, "--compile"] if compiled else flags,
-                batch_size=batch, resolution=resolution, group="gpu-512",
-                warmup_steps=COMPILE_WARMUP_STEPS if compiled else WARMUP_STEPS,
-                tags={"compile": compiled},
-            ))
+            flags = [
+                *bk_flags(model, data, resolution, batch),
+                "--mixed_precision",
+                "bf16",
+                "--allow_tf32",
+                "--num_train_epochs",
+                "1000",
+                "--max_train_steps",
+                str(steps),
+            ]
+            cases.append(
+                TrainCase(
+                    name=f"gpu-{resolution}px-bs{batch}" + ("-compile" if compiled else ""),
+                    description=f"BK-SDM-Tiny, {resolution} px, bf16, batch {batch}"
+                    + (", --compile" if compiled else ""),
+                    flags=[*flags, "--compile"] if compiled else flags,
+                    batch_size=batch,
+                    resolution=resolution,
+                    group="gpu-512",
+                    warmup_steps=COMPILE_WARMUP_STEPS if compiled else WARMUP_STEPS,
+                    tags={"compile": compiled},
+                )
+            )
     return cases
 
 
 def make_cases(
-    names: list[str], work_dir: Path, short: bool, model: Path | None = None, embedded: Path | None = None,
+    names: list[str],
+    work_dir: Path,
+    short: bool,
+    model: Path | None = None,
+    embedded: Path | None = None,
     embedded_data: Path | None = None,
 ) -> list[TrainCase]:
     """The named cases; `model` replaces the BK-SDM-Tiny architecture (tests pass a tiny pipeline), `embedded`
@@ -379,8 +430,13 @@ def latent_cache_dir(flags: list[str]) -> Path | None:
 
 
 def run_train_bench(
-    names: list[str], work_dir: Path, short: bool, model: Path | None = None, on_record=None,
-    embedded: Path | None = None, embedded_data: Path | None = None,
+    names: list[str],
+    work_dir: Path,
+    short: bool,
+    model: Path | None = None,
+    on_record=None,
+    embedded: Path | None = None,
+    embedded_data: Path | None = None,
 ) -> tuple[list[dict], dict]:
     """Every requested case in this process, in order; returns the records and the acceptance checks.
 
@@ -395,10 +451,16 @@ def run_train_bench(
         record = run_case(case, work_dir)
         if cache_dir:
             after = cache_files(cache_dir)
-            record["cache"] = {"files_before": len(before), "files_after": len(after),
-                               "hit": bool(before) and before == after}
-        print(f"[bench] {case.name}: {record['step_s']:.3f} s/step, {record['images_per_s']:.2f} images/s, "
-              f"data wait {record['phase_share']['data_wait']:.1%}", flush=True)
+            record["cache"] = {
+                "files_before": len(before),
+                "files_after": len(after),
+                "hit": bool(before) and before == after,
+            }
+        print(
+            f"[bench] {case.name}: {record['step_s']:.3f} s/step, {record['images_per_s']:.2f} images/s, "
+            f"data wait {record['phase_share']['data_wait']:.1%}",
+            flush=True,
+        )
         records.append(record)
         if on_record is not None:
             on_record(records, acceptance({r["name"]: r for r in records}))

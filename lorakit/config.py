@@ -335,9 +335,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML config, flat or nested by section, into a flat {field: value} dict."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(
-            f"Config file {path} does not exist. Presets live in {shown_path(REPO_ROOT)}/configs/."
-        )
+        raise ConfigError(f"Config file {path} does not exist. Presets live in {shown_path(REPO_ROOT)}/configs/.")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of settings, not {type(raw).__name__}.")

@@ -22,10 +22,25 @@ def short_train(tiny_pipeline_dir, tmp_path_factory):
     """The CPU cases in short mode, with the tiny pipeline standing in for BK-SDM-Tiny (seconds, not minutes)."""
     work = tmp_path_factory.mktemp("bench")
     out = work / "train.json"
-    assert bench_main([
-        "train", "--short", "--cases", "bk-sdm-tiny", "jpeg", "cache", "--model", str(tiny_pipeline_dir),
-        "--work_dir", str(work), "--out", str(out),
-    ]) == 0
+    assert (
+        bench_main(
+            [
+                "train",
+                "--short",
+                "--cases",
+                "bk-sdm-tiny",
+                "jpeg",
+                "cache",
+                "--model",
+                str(tiny_pipeline_dir),
+                "--work_dir",
+                str(work),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return json.loads(out.read_text())
 
 
@@ -92,7 +107,12 @@ def test_embedded_default_and_jpeg_cases_report_the_data_wait_share(tmp_path):
 def test_gpu_script_cases_are_flags_the_trainer_accepts(tiny_pipeline_dir, tmp_path):
     cases = gpu_cases(tiny_pipeline_dir, tmp_path, short=True, resolution=64)
     assert [(c.batch_size, c.tags["compile"]) for c in cases] == [
-        (1, False), (4, False), (8, False), (8, True), (4, True), (1, True)
+        (1, False),
+        (4, False),
+        (8, False),
+        (8, True),
+        (4, True),
+        (1, True),
     ]
     for case in cases:
         cfg = parse_args([*case.flags, "--output_dir", str(tmp_path / "out")])
@@ -123,8 +143,23 @@ def test_docs_are_rendered_from_the_committed_results():
 
 def test_generate_short_uses_the_space_code_and_measures_cold_start(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "generate.json"
-    assert bench_main(["generate", "--short", "--base", str(tiny_pipeline_dir), "--device", "cpu",
-                       "--work_dir", str(tmp_path), "--out", str(out)]) == 0
+    assert (
+        bench_main(
+            [
+                "generate",
+                "--short",
+                "--base",
+                str(tiny_pipeline_dir),
+                "--device",
+                "cpu",
+                "--work_dir",
+                str(tmp_path),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     variants = result["variants"]
     assert set(variants) == {"base", "lora_unfused", "lora_fused", "lora_fused_unloaded", "pndm_50", "bfloat16"}

@@ -79,7 +79,10 @@ def test_committed_pipeline_is_stock_and_consistent(committed_pipeline):
     config = pipe.text_encoder.config
     tokenizer = pipe.tokenizer
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (
-        tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
     assert pipe.unet.config.cross_attention_dim == config.hidden_size
     # the scaling factor was measured on the latents, not copied from Stable Diffusion
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
@@ -88,14 +91,16 @@ def test_committed_pipeline_is_stock_and_consistent(committed_pipeline):
 def test_committed_pipeline_draws_any_text(committed_pipeline):
     prompts = ["a red circle on a white background", "a zorblax flibbertigibbet 🦄", ""]
     generator = torch.Generator().manual_seed(0)
-    out = committed_pipeline(prompts, negative_prompt=["", "", ""], num_inference_steps=4, generator=generator,
-                             output_type="np")
+    out = committed_pipeline(
+        prompts, negative_prompt=["", "", ""], num_inference_steps=4, generator=generator, output_type="np"
+    )
     assert out.images.shape == (3, 32, 32, 3)
     assert np.isfinite(out.images).all() and out.images.std() > 0.01
 
 
-@pytest.mark.parametrize("folder,colour_in,colour_out", [(EMBEDDED_BASE_DATA, None, "purple"),
-                                                         (EMBEDDED_ADAPTER_DATA, "purple", None)])
+@pytest.mark.parametrize(
+    "folder,colour_in,colour_out", [(EMBEDDED_BASE_DATA, None, "purple"), (EMBEDDED_ADAPTER_DATA, "purple", None)]
+)
 def test_committed_datasets_load_with_datasets(folder, colour_in, colour_out):
     data = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     assert {"image", "text"} <= set(data.column_names)
@@ -120,8 +125,9 @@ def test_committed_clip_ranks_its_own_caption_first():
     model = CLIPModel.from_pretrained(EMBEDDED_CLIP).eval()
     processor = CLIPProcessor.from_pretrained(EMBEDDED_CLIP)
     rows = world.sample(world.all_concepts(), 36, seed=4242)  # images no training set drew
-    result = clip_r_precision(to_uint8([r[0] for r in rows]), [r[2].caption() for r in rows], candidate_captions(),
-                              model, processor)
+    result = clip_r_precision(
+        to_uint8([r[0] for r in rows]), [r[2].caption() for r in rows], candidate_captions(), model, processor
+    )
     assert result.top1 >= 0.9
 
 
