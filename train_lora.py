@@ -42,12 +42,22 @@ from lorakit.run_state import (
     stop_requested,
 )
 from lorakit.timing import NULL_TIMER, PhaseTimer, timed_batches
+from lorakit.token_embeddings import (
+    LEARNED_EMBEDS_NAME,
+    TokenEmbeddingOffsets,
+    apply_learned_embeds,
+    read_learned_embeds,
+    save_learned_embeds,
+    word_token_ids,
+)
 from lorakit.training import (
     Models,
     apply_speed_options,
     attach_lora,
+    attach_token_offsets,
     check_8bit_adam_available,
     load_models,
+    load_tokenizer,
     make_lr_scheduler,
     make_optimizer,
     scaled_learning_rate,
@@ -82,6 +92,17 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.lora.init_adapter and not (Path(cfg.lora.init_adapter) / ADAPTER_WEIGHT_NAME).is_file():
         raise ConfigError(
             f"--init_adapter {cfg.lora.init_adapter} has no {ADAPTER_WEIGHT_NAME}: point it at a finished run folder."
+        )
+    if cfg.lora.train_token_embeddings:
+        word_token_ids(load_tokenizer(cfg.model), cfg.lora.train_token_embeddings)
+
+
+def check_processes(cfg: TrainConfig, accelerator: Accelerator) -> None:
+    """Learned word embeddings are trained outside the modules accelerate syncs across processes."""
+    if cfg.lora.train_token_embeddings and accelerator.num_processes > 1:
+        raise ConfigError(
+            f"--train_token_embeddings runs on one process, not {accelerator.num_processes}: launch with "
+            "--num_processes 1, or drop the flag."
         )
 
 
@@ -122,6 +143,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
     preflight(cfg)
     rows, image_column, caption_column = prepare_dataset(cfg.data, cfg.training.seed)
     accelerator = make_accelerator(cfg)
+    check_processes(cfg, accelerator)
     set_seed(cfg.training.seed)
     stop = StopRequest()
     try:
@@ -151,6 +173,8 @@ class Run:
     text_encoder: torch.nn.Module
     trained: list[torch.nn.Module]
     params: list[torch.nn.Parameter]
+    token_offsets: TokenEmbeddingOffsets | None
+    inherited_words: dict[str, torch.Tensor]
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     dataloader: torch.utils.data.DataLoader
@@ -169,6 +193,8 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, 
     if cfg.lora.init_adapter:
         text_encoder = models.text_encoder if cfg.lora.train_text_encoder else None
         ckpt.load_lora_into(cfg.lora.init_adapter, models.unet, text_encoder)
+    inherited_words = inherit_learned_words(cfg.lora.init_adapter, models)
+    token_offsets = attach_token_offsets(models, cfg.lora)
     apply_speed_options(cfg, models)
     train_data = CaptionedImageDataset(
         rows,
@@ -189,20 +215,23 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, 
         latent_cache_info = {"path": str(path), "hit": hit}
         accelerator.print(f"Latent cache {'reused' if hit else 'written'}: {path}")
     dataloader = make_dataloader(cfg, train_data)
-    optimizer = make_optimizer(params, cfg.training, scaled_learning_rate(cfg, accelerator.num_processes))
+    learning_rate = scaled_learning_rate(cfg, accelerator.num_processes)
+    optimizer = make_optimizer(params, cfg.training, learning_rate, token_offsets, cfg.lora.token_embedding_lr)
     num_batches = math.ceil(len(dataloader) / accelerator.num_processes)
     _, total_steps = total_train_steps(num_batches, cfg.training)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.training, total_steps, accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(models.unet, optimizer, dataloader, lr_scheduler)
     text_encoder = accelerator.prepare(models.text_encoder) if cfg.lora.train_text_encoder else models.text_encoder
     trained = [unet] + ([text_encoder] if cfg.lora.train_text_encoder else [])
-    ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None)
+    ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None, token_offsets)
     return Run(
         models,
         unet,
         text_encoder,
         trained,
-        params,
+        params + ([token_offsets.offsets] if token_offsets is not None else []),
+        token_offsets,
+        inherited_words,
         optimizer,
         lr_scheduler,
         dataloader,
@@ -213,6 +242,17 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, 
         count_parameters(accelerator.unwrap_model(unet), trainable_only=True),
         latent_cache_info,
     )
+
+
+def inherit_learned_words(init_adapter: str | None, models: Models) -> dict[str, torch.Tensor]:
+    """Words an `--init_adapter` run learned, written into this run's text encoder (and saved with its output):
+    its LoRA was trained with them, and would not know its concept word without them."""
+    path = Path(init_adapter) / LEARNED_EMBEDS_NAME if init_adapter else None
+    if path is None or not path.is_file():
+        return {}
+    words = read_learned_embeds(path)
+    apply_learned_embeds(models.text_encoder, models.tokenizer, words)
+    return words
 
 
 def train_loop(cfg, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, timer, argv) -> None:
@@ -299,6 +339,11 @@ def finish(cfg, accelerator: Accelerator, run: Run, state: TrainState, num_sampl
     if accelerator.is_main_process:
         text_encoder_to_save = accelerator.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
         adapter = outputs.save_adapter_atomic(out, accelerator.unwrap_model(run.unet), text_encoder_to_save)
+        learned = dict(run.inherited_words)
+        if run.token_offsets is not None:
+            learned.update(zip(run.token_offsets.words, run.token_offsets.rows(), strict=True))
+        if learned:
+            save_learned_embeds(out, list(learned), torch.stack(list(learned.values())))
         validation = run_validation(
             cfg, accelerator, run.models, run.unet, run.text_encoder, state.global_step, final=True
         )
@@ -313,6 +358,7 @@ def finish(cfg, accelerator: Accelerator, run: Run, state: TrainState, num_sampl
                 "global_step": state.global_step,
                 "num_train_epochs": cfg.training.num_train_epochs,
                 "lora_trainable_parameters": run.lora_parameters,
+                "learned_words": list(cfg.lora.train_token_embeddings),
                 "adapter_file_bytes": adapter.stat().st_size,
                 "train_seconds": round(time.time() - started, 2),
                 "final_loss": state.loss_history[-1]["loss"] if state.loss_history else None,

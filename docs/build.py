@@ -75,6 +75,7 @@ def write_figures(adapter: Path = ADAPTER) -> list[Path]:
     from docgen import figures
 
     from eval.generate import GenerationSettings
+    from lorakit.token_embeddings import learned_words
 
     torch.manual_seed(0)
     pipe = figures.load_pipeline(PIPELINE)
@@ -91,7 +92,8 @@ def write_figures(adapter: Path = ADAPTER) -> list[Path]:
 
     pipe.load_lora_weights(str(adapter), adapter_name="docs")
     show = (0, 1, 2, 3, 5, 8, 12, 17, STEPS)
-    frames = figures.denoising_frames(pipe, STRIP_PROMPT, STRIP_SEED, STEPS, GUIDANCE, show)
+    with learned_words(pipe, adapter):
+        frames = figures.denoising_frames(pipe, STRIP_PROMPT, STRIP_SEED, STEPS, GUIDANCE, show)
     pipe.unload_lora_weights()
     written.append(figures.save(figures.denoising_strip(frames, STEPS, STRIP_PROMPT), src.IMAGES / FIGURES[2]))
     diagram = figures.parts_diagram(STRIP_PROMPT, frames[0][1], frames[-1][1], STEPS)

@@ -36,6 +36,7 @@ from embedded import world  # noqa: E402
 from embedded.dataset import write_imagefolder  # noqa: E402
 from lorakit.atomic import atomic_write_json  # noqa: E402
 from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS  # noqa: E402
+from lorakit.token_embeddings import learned_words  # noqa: E402
 
 NEW_SHAPE = world.DISTRACTOR_SHAPE  # "blob": known to the judge, never drawn by the base UNet
 NEW_BATCH_SEED = 2026
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("base", *commands):
         if name != "base":
             pipe.load_lora_weights(str(work / name), adapter_name=name)
-        scores, images = judge(pipe, clip, sets, settings)
+        with learned_words(pipe, work / name):  # none for the base
+            scores, images = judge(pipe, clip, sets, settings)
         if name != "base":
             pipe.unload_lora_weights()
         stage = {"name": name, "label": LABELS[name], "scores": scores}

@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 
 from eval.prompts import EvalInputError
+from lorakit.config import ConfigError
+from lorakit.hub import fetch_optional_file
 from lorakit.lora import ADAPTER_WEIGHT_NAME
+from lorakit.token_embeddings import LEARNED_EMBEDS_NAME, apply_learned_embeds, read_learned_embeds
 
 # LoRA down/up weight names across the diffusers, peft and older diffusers formats.
 _LORA_KEY = re.compile(
@@ -147,9 +150,31 @@ def check_adapter_fits(state_dict: dict[str, torch.Tensor], pipe, base: str, lor
         )
 
 
-def attach_adapter(pipe, lora: str, base: str) -> None:
-    """`load_lora_weights` on the already loaded pipeline, re-raising shape errors with both names."""
+def attach_adapter(pipe, lora: str, base: str) -> list[str]:
+    """`load_lora_weights` on the already loaded pipeline, re-raising shape errors with both names.
+
+    Words the run learned (`--train_token_embeddings`, learned_embeds.safetensors beside the LoRA) go into the
+    text encoder too; returns them.
+    """
     try:
         pipe.load_lora_weights(lora, use_safetensors=True)
     except (RuntimeError, ValueError) as error:
         raise EvalInputError(f"LoRA adapter '{lora}' does not fit base model '{base}': {str(error)[:400]}") from error
+    embeds = learned_embeds_file(lora)
+    if embeds is None:
+        return []
+    try:
+        return apply_learned_embeds(pipe.text_encoder, pipe.tokenizer, read_learned_embeds(embeds))
+    except ConfigError as error:
+        raise EvalInputError(f"Adapter '{lora}' does not fit base model '{base}': {error}") from error
+
+
+def learned_embeds_file(lora: str) -> str | None:
+    """learned_embeds.safetensors beside the adapter (its folder, or the folder of an adapter file, or its
+    Hub repo), or None when the run learned no words."""
+    path = Path(lora)
+    if path.exists():
+        folder = path if path.is_dir() else path.parent
+        found = folder / LEARNED_EMBEDS_NAME
+        return str(found) if found.is_file() else None
+    return fetch_optional_file(lora, LEARNED_EMBEDS_NAME)

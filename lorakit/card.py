@@ -24,6 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from lorakit.atomic import atomic_write_json, atomic_write_text
 from lorakit.hub import redact_secrets
 from lorakit.outputs import plot_loss_curve
+from lorakit.token_embeddings import LEARNED_EMBEDS_NAME
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
@@ -112,8 +113,15 @@ def hyperparameter_rows(config: dict) -> list[tuple[str, Any]]:
     return rows
 
 
-def usage_snippet(base_model: str, adapter: str, prompt: str, revision: str | None, variant: str | None) -> str:
-    """A Python snippet that loads the base pipeline and this adapter and generates one image."""
+def usage_snippet(
+    base_model: str,
+    adapter: str,
+    prompt: str,
+    revision: str | None,
+    variant: str | None,
+    learned_words: bool = False,
+) -> str:
+    """A Python snippet that loads the base pipeline and this adapter (and its learned words), makes one image."""
     # json.dumps gives double-quoted literals that are valid Python for any string.
     q = json.dumps
     extra = "".join(f", {name}={q(value)}" for name, value in (("revision", revision), ("variant", variant)) if value)
@@ -126,6 +134,7 @@ def usage_snippet(base_model: str, adapter: str, prompt: str, revision: str | No
             'dtype = torch.float16 if device == "cuda" else torch.float32',
             f"pipe = StableDiffusionPipeline.from_pretrained({q(base_model)}, torch_dtype=dtype{extra}).to(device)",
             f"pipe.load_lora_weights({q(adapter)})",
+            *(_learned_words_lines(adapter) if learned_words else []),
             "generator = torch.Generator(device).manual_seed(0)",
             f"image = pipe({q(prompt)}, num_inference_steps=25, guidance_scale=7.5, generator=generator).images[0]",
             'image.save("lora_sample.png")',
@@ -166,6 +175,24 @@ def validate_eval_results(results: dict) -> dict:
     if "table_markdown" in results and not isinstance(results["table_markdown"], str):
         raise ValueError("eval results table_markdown must be a Markdown string")
     return json.loads(json.dumps(results))
+
+
+def _learned_words_lines(adapter: str) -> list[str]:
+    """Snippet lines that write the run's learned word vectors into the text encoder (the words exist already,
+    so diffusers' load_textual_inversion, which adds new tokens, does not apply)."""
+    q = json.dumps
+    source = (
+        f"hf_hub_download({q(adapter)}, {q(LEARNED_EMBEDS_NAME)})"
+        if is_hub_id(adapter)
+        else q(f"{adapter}/{LEARNED_EMBEDS_NAME}")
+    )
+    return [
+        *(["from huggingface_hub import hf_hub_download"] if is_hub_id(adapter) else []),
+        "from safetensors.torch import load_file",
+        f"for word, vector in load_file({source}).items():  # the words this adapter learned",
+        '    token_id = pipe.tokenizer(word, add_special_tokens=False)["input_ids"][0]',
+        "    pipe.text_encoder.get_input_embeddings().weight.data[token_id] = vector.to(dtype)",
+    ]
 
 
 def render_model_card(
@@ -220,6 +247,7 @@ def render_model_card(
         ("Adapter file size", f"{human_size(adapter_bytes)} ({adapter_bytes:,} bytes)"),
     ]
     metrics = (eval_results or {}).get("metrics") or []
+    learned_words = summary.get("learned_words") if (output_dir / LEARNED_EMBEDS_NAME).is_file() else None
     variables = {
         "model_name": model_name,
         "base_model": base_model,
@@ -234,8 +262,14 @@ def render_model_card(
         "lora_params": int(summary.get("lora_trainable_parameters", 0)),
         "adapter_size": human_size(adapter_bytes),
         "snippet": usage_snippet(
-            base_model, repo_id or str(output_dir), prompt, model_cfg.get("revision"), model_cfg.get("variant")
+            base_model,
+            repo_id or str(output_dir),
+            prompt,
+            model_cfg.get("revision"),
+            model_cfg.get("variant"),
+            learned_words=bool(learned_words),
         ),
+        "learned_words": learned_words,
         "kohya_file": KOHYA_FILE if (output_dir / KOHYA_FILE).is_file() else None,
         "hyperparameter_table": _table(("Setting", "Value"), hyperparameter_rows(config)),
         "results_table": _table(("Result", "Value"), results_rows),

@@ -25,6 +25,12 @@ from peft.utils import set_peft_model_state_dict
 from lorakit.atomic import atomic_write_json
 from lorakit.config import ConfigError
 from lorakit.lora import save_adapter
+from lorakit.token_embeddings import (
+    LEARNED_EMBEDS_NAME,
+    TokenEmbeddingOffsets,
+    read_learned_embeds,
+    save_learned_embeds,
+)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 TRAIN_STATE_FILE = "train_state.json"
@@ -79,8 +85,13 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
         )
 
 
-def register_lora_hooks(accelerator: Accelerator, unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
-    """Make save_state/load_state write and read only the LoRA weights, in the diffusers format."""
+def register_lora_hooks(
+    accelerator: Accelerator,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    token_offsets: TokenEmbeddingOffsets | None = None,
+) -> None:
+    """Make save_state/load_state write and read only the LoRA weights (diffusers format) and learned words."""
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
@@ -89,6 +100,8 @@ def register_lora_hooks(accelerator: Accelerator, unet: torch.nn.Module, text_en
                 accelerator.unwrap_model(unet),
                 accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
             )
+            if token_offsets is not None:
+                save_learned_embeds(output_dir, token_offsets.words, token_offsets.rows())
         weights.clear()  # nothing else: the frozen base is not part of the training state
 
     def load_hook(models: list, input_dir: str) -> None:
@@ -98,6 +111,9 @@ def register_lora_hooks(accelerator: Accelerator, unet: torch.nn.Module, text_en
             accelerator.unwrap_model(unet),
             accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
         )
+        if token_offsets is not None:
+            learned = read_learned_embeds(Path(input_dir) / LEARNED_EMBEDS_NAME)
+            token_offsets.set_rows(torch.stack([learned[word] for word in token_offsets.words]))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

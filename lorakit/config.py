@@ -126,6 +126,17 @@ class LoraArgs:
         default_factory=lambda: list(DEFAULT_TEXT_ENCODER_TARGET_MODULES),
         metadata={"help": "Text-encoder module names that get LoRA layers.", "nargs": "+"},
     )
+    train_token_embeddings: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Words whose text-encoder input embeddings train beside the LoRA (pivotal tuning), for a "
+            "concept word the base does not know; saved as learned_embeds.safetensors.",
+            "nargs": "+",
+        },
+    )
+    token_embedding_lr: float = field(
+        default=3e-2, metadata={"help": "Learning rate of --train_token_embeddings (no weight decay)."}
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -138,6 +149,15 @@ class LoraArgs:
             raise ConfigError(f"--lora_dropout {self.lora_dropout} is invalid: use a value in [0, 1).")
         if not self.target_modules:
             raise ConfigError("--target_modules is empty: name at least one module, e.g. to_q to_k to_v to_out.0.")
+        if self.token_embedding_lr <= 0:
+            raise ConfigError(f"--token_embedding_lr {self.token_embedding_lr} is invalid: use a positive number.")
+        if len(set(self.train_token_embeddings)) != len(self.train_token_embeddings):
+            raise ConfigError(f"--train_token_embeddings {self.train_token_embeddings} names a word twice.")
+
+    @property
+    def trains_text_side(self) -> bool:
+        """Whether anything before the UNet trains, so text states cannot be cached."""
+        return self.train_text_encoder or bool(self.train_token_embeddings)
 
 
 @dataclass

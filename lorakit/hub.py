@@ -30,6 +30,7 @@ CHECKPOINT_BRANCH = "checkpoints"
 UPLOAD_PATTERNS = [
     ADAPTER_FILE,
     "pytorch_lora_weights_kohya.safetensors",
+    "learned_embeds.safetensors",  # words learned with --train_token_embeddings
     "README.md",
     "loss_curve.png",
     "validation_grid.png",
@@ -88,6 +89,27 @@ def _get_api(api: Any | None) -> Any:
 
 class _NoToken(Exception):
     pass
+
+
+def fetch_optional_file(repo_id: str, filename: str, api: Any | None = None) -> str | None:
+    """Local path of `filename` from a Hub model repo (downloaded or cached), or None when the repo lacks it.
+
+    Reading a public repo needs no token; offline, only the Hub cache is consulted.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=resolve_token())
+    try:
+        return api.hf_hub_download(repo_id=repo_id, filename=filename)
+    except EntryNotFoundError:
+        return None
+    except (OfflineModeIsEnabled, HfHubHTTPError, OSError):
+        cached = try_to_load_from_cache(repo_id, filename)
+        return cached if isinstance(cached, str) else None
 
 
 def default_repo_id(output_dir: str | os.PathLike, api: Any) -> str:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lorakit.config import TrainConfig
 from lorakit.data import CaptionedImageDataset, collate_examples
+from lorakit.token_embeddings import LEARNED_EMBEDS_NAME
 from lorakit.training import Models
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "latents"
@@ -40,6 +41,11 @@ def _model_identity(pretrained: str, revision: str | None, variant: str | None) 
     return identity
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(size, mtime) of a file, None when absent."""
+    return (path.stat().st_size, int(path.stat().st_mtime)) if path.is_file() else None
+
+
 def cache_key(cfg: TrainConfig, data_fingerprint: str, cache_text: bool) -> str:
     """Everything the cached tensors depend on, hashed."""
     parts = {
@@ -51,6 +57,10 @@ def cache_key(cfg: TrainConfig, data_fingerprint: str, cache_text: bool) -> str:
         "random_flip": cfg.data.random_flip,
         "seed": cfg.training.seed,
         "text": cache_text,
+        # cached text states hold the words an --init_adapter run learned
+        "init_words": _file_identity(Path(cfg.lora.init_adapter) / LEARNED_EMBEDS_NAME)
+        if cfg.lora.init_adapter
+        else None,
         **_model_identity(cfg.model.pretrained_model_name_or_path, cfg.model.revision, cfg.model.variant),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -97,7 +107,7 @@ def cached_dataset(
     models: Models, dataset: CaptionedImageDataset, cfg: TrainConfig, data_fingerprint: str, is_main: bool
 ) -> tuple[CachedLatentDataset, Path, bool]:
     """(dataset, cache file, hit). The main process encodes and writes; call under main_process_first()."""
-    cache_text = not cfg.lora.train_text_encoder
+    cache_text = not cfg.lora.trains_text_side
     folder = Path(cfg.training.latent_cache_dir) if cfg.training.latent_cache_dir else DEFAULT_CACHE_DIR
     path = folder / f"{cache_key(cfg, data_fingerprint, cache_text)}.safetensors"
     hit = path.is_file()

@@ -62,6 +62,7 @@ def current_fingerprint(cfg: TrainConfig, dataset, caption_column: str, num_proc
         "lora_alpha": cfg.lora.lora_alpha,
         "target_modules": list(cfg.lora.target_modules),
         "train_text_encoder": cfg.lora.train_text_encoder,
+        "train_token_embeddings": list(cfg.lora.train_token_embeddings),
         "seed": cfg.training.seed,
     }
 

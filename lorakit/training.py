@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from lorakit.config import ConfigError, LoraArgs, ModelConfig, TrainConfig, TrainingArgs
 from lorakit.lora import make_lora_config
 from lorakit.timing import NULL_TIMER, PhaseTimer
+from lorakit.token_embeddings import TokenEmbeddingOffsets, word_token_ids
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -56,6 +57,13 @@ def weight_dtype_for(accelerator: Accelerator) -> torch.dtype:
     return WEIGHT_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
+def load_tokenizer(model_cfg: ModelConfig) -> CLIPTokenizer:
+    """The base's tokenizer alone (cheap: no weights), for checks before any model loads."""
+    return CLIPTokenizer.from_pretrained(
+        model_cfg.pretrained_model_name_or_path, subfolder="tokenizer", revision=model_cfg.revision
+    )
+
+
 def load_models(model_cfg: ModelConfig, prediction_type: str | None = None) -> Models:
     """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler (safetensors only)."""
     source = model_cfg.pretrained_model_name_or_path
@@ -65,7 +73,7 @@ def load_models(model_cfg: ModelConfig, prediction_type: str | None = None) -> M
     if prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=prediction_type)
     return Models(
-        tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+        tokenizer=load_tokenizer(model_cfg),
         text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights),
         vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
         unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
@@ -93,10 +101,29 @@ def attach_lora(
     return [p for module in trainable_modules for p in module.parameters() if p.requires_grad]
 
 
+def attach_token_offsets(models: Models, lora: LoraArgs) -> TokenEmbeddingOffsets | None:
+    """Trainable input-embedding offsets for `--train_token_embeddings` words (None when none are named)."""
+    if not lora.train_token_embeddings:
+        return None
+    token_ids = word_token_ids(models.tokenizer, lora.train_token_embeddings)
+    return TokenEmbeddingOffsets(models.text_encoder.get_input_embeddings(), lora.train_token_embeddings, token_ids)
+
+
 def make_optimizer(
-    params: list[torch.nn.Parameter], training: TrainingArgs, learning_rate: float
+    params: list[torch.nn.Parameter],
+    training: TrainingArgs,
+    learning_rate: float,
+    token_offsets: TokenEmbeddingOffsets | None = None,
+    token_learning_rate: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (8-bit from bitsandbytes when asked); fused kernels on CUDA where torch has them."""
+    """AdamW (8-bit from bitsandbytes when asked); fused kernels on CUDA where torch has them.
+
+    Token-embedding offsets get their own group: their learning rate, and no weight decay, which would
+    otherwise pull the learned words back towards zero.
+    """
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if token_offsets is not None:
+        groups.append({"params": [token_offsets.offsets], "lr": token_learning_rate, "weight_decay": 0.0})
     kwargs = {
         "lr": learning_rate,
         "betas": (training.adam_beta1, training.adam_beta2),
@@ -106,9 +133,9 @@ def make_optimizer(
     if training.use_8bit_adam:
         import bitsandbytes as bnb  # checked in preflight so a missing package fails before model loading
 
-        return bnb.optim.AdamW8bit(params, **kwargs)
+        return bnb.optim.AdamW8bit(groups, **kwargs)
     fused = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(params, fused=fused, **kwargs)
+    return torch.optim.AdamW(groups, fused=fused, **kwargs)
 
 
 def check_8bit_adam_available() -> None:

@@ -22,6 +22,7 @@ import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from packaging.version import Version
 from PIL import Image
+from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
 # The embedded default lives next to this folder in the source repository; on a Space it is absent.
@@ -31,6 +32,8 @@ EMBEDDED_ADAPTER = EMBEDDED_DIR / "demo_adapter"
 EMBEDDED_PROMPTS = EMBEDDED_DIR / "prompts" / "adapter.txt"
 HUB_DEFAULT_BASE = "nota-ai/bk-sdm-tiny"
 ADAPTER_NAME = "adapter"
+# Words the training run learned beside the LoRA (train_lora.py --train_token_embeddings): {word: vector}.
+LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"
 
 MAX_SEED = int(np.iinfo(np.int32).max)
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 1, 100, 20
@@ -107,10 +110,54 @@ def load_pipeline(
         raise ValueError(f"{base} loads as {type(pipe).__name__}, which cannot take a LoRA adapter.")
     weight_name = weight_name if weight_name is not None else os.environ.get("LORA_WEIGHT_NAME") or None
     pipe.load_lora_weights(adapter, adapter_name=ADAPTER_NAME, weight_name=weight_name, use_safetensors=True)
+    embeds = learned_embeds_file(adapter)
+    if embeds is not None:
+        attach_learned_words(pipe, load_file(embeds))
     # Multistep DPM-Solver++ reaches the quality of 50 DDIM/PNDM steps in about 20.
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def learned_embeds_file(adapter: str, api=None) -> str | None:
+    """The adapter's learned_embeds.safetensors (local folder or Hub repo), or None if it learned no words."""
+    path = Path(adapter)
+    if path.exists():
+        found = (path if path.is_dir() else path.parent) / LEARNED_EMBEDS_NAME
+        return str(found) if found.is_file() else None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return (api or HfApi()).hf_hub_download(repo_id=adapter, filename=LEARNED_EMBEDS_NAME)
+    except EntryNotFoundError:
+        return None
+
+
+@torch.no_grad()
+def attach_learned_words(pipe: DiffusionPipeline, embeds: dict[str, torch.Tensor]) -> None:
+    """Put each learned vector into its word's input-embedding row, keeping the base row for comparisons.
+
+    diffusers' load_textual_inversion only adds new tokens; these words are already in the vocabulary.
+    """
+    table = pipe.text_encoder.get_input_embeddings().weight
+    rows = {}
+    for word, vector in embeds.items():
+        ids = pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1 or vector.numel() != table.shape[1]:
+            raise ValueError(f"Learned word '{word}' does not fit this base model's text encoder.")
+        rows[ids[0]] = (table[ids[0]].clone(), vector.reshape(-1).to(table))
+    pipe.learned_word_rows = rows
+    use_learned_words(pipe, 1.0)
+
+
+@torch.no_grad()
+def use_learned_words(pipe: DiffusionPipeline, scale: float) -> None:
+    """Learned words at the LoRA's scale: 0 gives the base model's rows (so scale 0 is the base model), 1 the
+    learned ones."""
+    table = pipe.text_encoder.get_input_embeddings().weight
+    for token_id, (base_row, learned_row) in getattr(pipe, "learned_word_rows", {}).items():
+        table[token_id] = torch.lerp(base_row, learned_row, scale)
 
 
 def randomize_seed(seed: int, randomize: bool) -> int:
@@ -191,14 +238,17 @@ def generate(
         try:
             if compare_with_base:
                 pipe.disable_lora()
+                use_learned_words(pipe, 0.0)
                 images.append(_sample(pipe, prompt, negative_prompt, seed, steps, guidance, on_step, 0, total))
                 pipe.enable_lora()
             pipe.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
+            use_learned_words(pipe, lora_scale)
             done = total - steps
             images.append(_sample(pipe, prompt, negative_prompt, seed, steps, guidance, on_step, done, total))
         finally:
             # Leave the shared pipeline in its default state whatever happened above.
             pipe.enable_lora()
+            use_learned_words(pipe, 1.0)
             pipe.set_adapters([ADAPTER_NAME], adapter_weights=[1.0])
     return images
 

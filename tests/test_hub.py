@@ -262,3 +262,24 @@ def test_bare_repo_names_go_under_the_users_namespace(run_dir, token_env):
     assert push_adapter(run_dir, repo_id="shapes-lora", api=api) == "https://huggingface.co/carol/shapes-lora"
     assert {c["repo_id"] for c in api.commits} == {"carol/shapes-lora"}
     assert {kwargs["repo_id"] for name, kwargs in api.calls if name == "create_branch"} == {"carol/shapes-lora"}
+
+
+def test_fetch_optional_file_returns_the_path_none_when_absent_and_none_offline_uncached(tmp_path):
+    from huggingface_hub.errors import EntryNotFoundError
+
+    class Downloads:
+        def __init__(self, outcome):
+            self.outcome, self.asked = outcome, []
+
+        def hf_hub_download(self, repo_id, filename):
+            self.asked.append((repo_id, filename))
+            if isinstance(self.outcome, Exception):
+                raise self.outcome
+            return self.outcome
+
+    found = Downloads(str(tmp_path / "learned_embeds.safetensors"))
+    assert hub.fetch_optional_file("alice/lora", "learned_embeds.safetensors", api=found) == found.outcome
+    assert found.asked == [("alice/lora", "learned_embeds.safetensors")]
+    assert hub.fetch_optional_file("alice/lora", "x.safetensors", api=Downloads(EntryNotFoundError("no"))) is None
+    offline = Downloads(OfflineModeIsEnabled("offline"))
+    assert hub.fetch_optional_file("alice/lora", "x.safetensors", api=offline) is None

@@ -169,6 +169,66 @@ def test_compare_with_base_gives_base_and_adapter_from_same_seed(app, pipe):
     assert pipe.get_active_adapters() == [app.ADAPTER_NAME]
 
 
+@pytest.fixture(scope="module")
+def learned_word_models(tiny_pipeline_dir, tmp_path_factory) -> tuple[str, str, torch.Tensor]:
+    """The tiny base, and a random LoRA saved with a learned vector for the word "blue" beside it."""
+    from safetensors.torch import save_file
+
+    adapter = make_tiny_adapter(tiny_pipeline_dir, tmp_path_factory.mktemp("learned_word_adapter"))
+    vector = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    save_file({"blue": vector}, str(adapter / "learned_embeds.safetensors"))
+    return str(tiny_pipeline_dir), str(adapter), vector
+
+
+def test_learned_word_is_loaded_and_scale_zero_or_comparison_is_the_base(app, learned_word_models):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    base_dir, adapter_dir, vector = learned_word_models
+    pipe = app.load_pipeline(base_dir, adapter_dir, device="cpu")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    blue = pipe.tokenizer("blue", add_special_tokens=False)["input_ids"][0]
+    assert torch.equal(table[blue], vector)
+    prompt, seed = "a blue circle", 2
+    base = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True)
+    base.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
+    reference = base(
+        prompt,
+        num_inference_steps=FAST_STEPS,
+        guidance_scale=app.DEFAULT_GUIDANCE,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pil",
+    ).images[0]
+    scale_zero = app.generate(prompt, seed=seed, steps=FAST_STEPS, lora_scale=0.0, pipe=pipe)[0]
+    compared, adapted = app.generate(prompt, seed=seed, steps=FAST_STEPS, compare_with_base=True, pipe=pipe)
+    assert np.array_equal(pixels(scale_zero), pixels(reference))  # the word's base row, too, at scale 0
+    assert np.array_equal(pixels(compared), pixels(reference))
+    assert not np.array_equal(pixels(adapted), pixels(reference))
+    assert torch.equal(table[blue], vector)  # back to the learned word for the next request
+
+
+def test_learned_embeds_file_locally_and_from_a_fake_hub(app, learned_word_models, tmp_path):
+    from huggingface_hub.errors import EntryNotFoundError
+
+    _, adapter_dir, _ = learned_word_models
+    assert app.learned_embeds_file(adapter_dir) == str(Path(adapter_dir) / app.LEARNED_EMBEDS_NAME)
+    assert app.learned_embeds_file(str(tmp_path)) is None  # a folder without learned words
+
+    class FakeApi:
+        def __init__(self, present: bool):
+            self.present, self.asked = present, []
+
+        def hf_hub_download(self, repo_id, filename):
+            self.asked.append((repo_id, filename))
+            if not self.present:
+                raise EntryNotFoundError(f"{filename} not in {repo_id}")
+            return f"/cache/{repo_id}/{filename}"
+
+    with_words, without = FakeApi(True), FakeApi(False)
+    assert app.learned_embeds_file("alice/lora", api=with_words) == "/cache/alice/lora/learned_embeds.safetensors"
+    assert with_words.asked == [("alice/lora", "learned_embeds.safetensors")]
+    assert app.learned_embeds_file("alice/lora", api=without) is None
+
+
 def test_progress_callback_counts_every_step(app, pipe):
     calls = []
     app.generate(

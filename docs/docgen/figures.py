@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from eval.generate import GenerationSettings, generate
+from lorakit.token_embeddings import learned_words
 
 CELL = 128  # the world's 32 px images are shown 4x larger so a reader can see them
 INK = (30, 30, 30)
@@ -44,7 +45,8 @@ def base_and_adapter(pipe, adapter: str | Path, prompts: Sequence[str], settings
     base = to_pil(generate(pipe, prompts, settings, label="base").images)
     pipe.load_lora_weights(str(adapter), adapter_name="docs")
     try:
-        adapted = to_pil(generate(pipe, prompts, settings, label="base + LoRA").images)
+        with learned_words(pipe, adapter):
+            adapted = to_pil(generate(pipe, prompts, settings, label="base + LoRA").images)
     finally:
         pipe.unload_lora_weights()
     return base, adapted
