@@ -259,6 +259,7 @@ def one_step_adapter(base: str, work_dir: Path) -> str:
                 "--report_to",
                 "none",
                 "--validation_prompt",
+                "--train_token_embeddings",  # the preset's learned word belongs to the embedded world's tokenizer
             ]
         )
     )

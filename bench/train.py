@@ -63,7 +63,15 @@ def embedded_flags(pipeline: Path | None, data: Path | None = None) -> list[str]
     """The default preset as is, or with its pipeline (same architecture) or data folder (same rows) replaced."""
     data_flags = ["--train_data_dir", str(data)] if data is not None else []
     if pipeline is not None:
-        return ["--config", str(SHAPES_PRESET), "--pretrained_model_name_or_path", str(pipeline), *data_flags]
+        # the preset's learned word ("purple") is the embedded world's; another base may not hold it as one token
+        return [
+            "--config",
+            str(SHAPES_PRESET),
+            "--pretrained_model_name_or_path",
+            str(pipeline),
+            "--train_token_embeddings",
+            *data_flags,
+        ]
     if data is not None:
         return ["--config", str(SHAPES_PRESET), *data_flags]
     if not (EMBEDDED_PIPELINE / "model_index.json").is_file():

@@ -130,8 +130,8 @@ class LoraArgs:
         default_factory=list,
         metadata={
             "help": "Words whose text-encoder input embeddings train beside the LoRA (pivotal tuning), for a "
-            "concept word the base does not know; saved as learned_embeds.safetensors.",
-            "nargs": "+",
+            "concept word the base does not know; saved as learned_embeds.safetensors. Bare flag: none.",
+            "nargs": "*",
         },
     )
     token_embedding_lr: float = field(

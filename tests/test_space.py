@@ -98,7 +98,7 @@ def test_lora_weight_name_from_env_and_safetensors_only(app, models, tmp_path, m
 
     from safetensors.torch import load_file
 
-    weights = next(Path(models[1]).glob("*.safetensors"))
+    weights = Path(models[1]) / "pytorch_lora_weights.safetensors"
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     shutil.copy(weights, renamed / "my_style.safetensors")
@@ -329,7 +329,7 @@ ALLOWED_IMPORTS = {
     "__future__", "argparse", "collections", "importlib", "os", "pathlib", "re", "shutil", "sys", "tempfile",
     "threading", "typing",
     # pip packages, each listed in space/requirements.txt
-    "diffusers", "gradio", "huggingface_hub", "numpy", "packaging", "PIL", "torch",
+    "diffusers", "gradio", "huggingface_hub", "numpy", "packaging", "PIL", "safetensors", "torch",
 }  # fmt: skip
 
 
@@ -345,7 +345,7 @@ def test_space_imports_only_stdlib_and_requirements(name):
             imported.add(node.module.split(".")[0])
     assert imported <= ALLOWED_IMPORTS, f"unexpected imports: {imported - ALLOWED_IMPORTS}"
     requirements = (SPACE_DIR / "requirements.txt").read_text().lower()
-    for package in imported & {"diffusers", "gradio", "huggingface_hub", "numpy", "packaging", "torch"}:
+    for package in imported & {"diffusers", "gradio", "huggingface_hub", "numpy", "packaging", "safetensors", "torch"}:
         assert package in requirements
 
 
