@@ -136,21 +136,21 @@ def test_same_seed_same_image_and_different_seed_different_image(app, pipe):
     assert np.abs(pixels(first) - pixels(other)).mean() > 1.0
 
 
-def test_lora_scale_zero_equals_base_model(app, pipe, models):
+def plain_base_image(base_dir: str, prompt: str, seed: int, guidance: float):
+    """The reference: a plain base pipeline that never saw the adapter, built here and not by the app."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+    base = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True)
+    base.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
+    generator = torch.Generator().manual_seed(seed)
+    return base(prompt, num_inference_steps=FAST_STEPS, guidance_scale=guidance, generator=generator).images[0]
+
+
+def test_lora_scale_zero_equals_base_model(app, pipe, models):
     prompt, seed = "a green circle", 3
     scale_zero = app.generate(prompt, seed=seed, steps=FAST_STEPS, lora_scale=0.0, pipe=pipe)[0]
     adapter = app.generate(prompt, seed=seed, steps=FAST_STEPS, lora_scale=1.0, pipe=pipe)[0]
-    # The reference is a plain base pipeline that never saw the adapter, built here and not by the app.
-    base = StableDiffusionPipeline.from_pretrained(models[0], use_safetensors=True)
-    base.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
-    reference = base(
-        prompt,
-        num_inference_steps=FAST_STEPS,
-        guidance_scale=app.DEFAULT_GUIDANCE,
-        generator=torch.Generator().manual_seed(seed),
-    ).images[0]
+    reference = plain_base_image(models[0], prompt, seed, app.DEFAULT_GUIDANCE)
     assert np.array_equal(pixels(scale_zero), pixels(reference))
     assert not np.array_equal(pixels(adapter), pixels(reference)), "the adapter should change the image"
 
@@ -181,23 +181,13 @@ def learned_word_models(tiny_pipeline_dir, tmp_path_factory) -> tuple[str, str, 
 
 
 def test_learned_word_is_loaded_and_scale_zero_or_comparison_is_the_base(app, learned_word_models):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
     base_dir, adapter_dir, vector = learned_word_models
     pipe = app.load_pipeline(base_dir, adapter_dir, device="cpu")
     table = pipe.text_encoder.get_input_embeddings().weight
     blue = pipe.tokenizer("blue", add_special_tokens=False)["input_ids"][0]
     assert torch.equal(table[blue], vector)
     prompt, seed = "a blue circle", 2
-    base = StableDiffusionPipeline.from_pretrained(base_dir, use_safetensors=True)
-    base.scheduler = DPMSolverMultistepScheduler.from_config(base.scheduler.config, algorithm_type="dpmsolver++")
-    reference = base(
-        prompt,
-        num_inference_steps=FAST_STEPS,
-        guidance_scale=app.DEFAULT_GUIDANCE,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="pil",
-    ).images[0]
+    reference = plain_base_image(base_dir, prompt, seed, app.DEFAULT_GUIDANCE)
     scale_zero = app.generate(prompt, seed=seed, steps=FAST_STEPS, lora_scale=0.0, pipe=pipe)[0]
     compared, adapted = app.generate(prompt, seed=seed, steps=FAST_STEPS, compare_with_base=True, pipe=pipe)
     assert np.array_equal(pixels(scale_zero), pixels(reference))  # the word's base row, too, at scale 0
