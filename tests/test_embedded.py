@@ -14,7 +14,7 @@ from transformers import CLIPModel, CLIPProcessor
 from embedded import readme, world
 from embedded.build import main as build_main
 from embedded.measure import candidate_captions, to_uint8
-from embedded.train_clip import refine_judge, train_clip
+from embedded.train_clip import FORGET_NORM_RATIO, forget_words, refine_judge, train_clip
 from lorakit.metrics import clip_r_precision
 from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS
 
@@ -145,3 +145,20 @@ def test_readme_explains_the_adapter_gap_only_while_the_bar_is_missed(adapter_be
     report = json.loads((readme.EMBEDDED_DIR / "build_report.json").read_text())
     report["quality"]["base_pipeline_r_precision"]["adapter"]["top1"] = adapter_before
     assert ("Known gap" in readme.compose_readme(report)) is shows_gap
+
+
+def test_forget_words_redraws_only_the_word_orthogonal_to_the_known_words_at_the_norm_ratio():
+    from embedded.models import make_clip, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    models = [make_clip(tokenizer, seed=0) for _ in range(2)]
+    before = models[0].text_model.embeddings.token_embedding.weight.detach().clone()
+    for model in models:
+        forget_words(model, tokenizer, ["purple"], list(world.BASE_COLOURS), seed=7)
+    after = models[0].text_model.embeddings.token_embedding.weight.detach()
+    (changed,) = (after != before).any(dim=1).nonzero().flatten().tolist()
+    assert tokenizer.convert_ids_to_tokens(changed) == "purple</w>"
+    known = before[[tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in world.BASE_COLOURS]]
+    assert torch.allclose(known @ after[changed], torch.zeros(len(known)), atol=1e-5)  # no known colour in it
+    assert after[changed].norm() == pytest.approx(FORGET_NORM_RATIO * known.norm(dim=1).mean().item(), rel=1e-5)
+    assert torch.equal(models[1].text_model.embeddings.token_embedding.weight[changed], after[changed])  # seeded
