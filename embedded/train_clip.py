@@ -26,6 +26,7 @@ from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from embedded import world
 from embedded.models import CLIP_MEAN, CLIP_STD, make_clip, make_processor, make_tokenizer
+from lorakit.token_embeddings import word_token_ids
 
 TEXT_LENGTH = 16  # world captions are < 12 tokens; the text tower is causal, so padding length changes nothing
 POOL_SEED_OFFSET = 101  # the first stage's render pool; refine_judge renders the very same pool again
@@ -129,21 +130,13 @@ def forget_words(model: CLIPModel, tokenizer: CLIPTokenizer, words: list[str], k
     the UNet, are the same as without this step; `refine_judge` binds the judge's eyes to the new embeddings.
     """
     table = model.text_model.embeddings.token_embedding.weight
-    known_rows = table[[_word_id(tokenizer, word) for word in known]]
+    known_rows = table[word_token_ids(tokenizer, known)]
     basis, _ = torch.linalg.qr(known_rows.T)  # orthonormal basis of the known words' span
     generator = torch.Generator().manual_seed(seed)
-    for word in words:
+    for token_id in word_token_ids(tokenizer, words):
         draw = torch.randn(table.shape[1], generator=generator)
         draw -= basis @ (basis.T @ draw)
-        table[_word_id(tokenizer, word)] = draw / draw.norm() * known_rows.norm(dim=1).mean() * FORGET_NORM_RATIO
-
-
-def _word_id(tokenizer: CLIPTokenizer, word: str) -> int:
-    """The single token id of a world word (each world word is one token of the embedded tokenizer)."""
-    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"'{word}' is {len(ids)} tokens for this tokenizer, not one: rebuild the tokenizer")
-    return ids[0]
+        table[token_id] = draw / draw.norm() * known_rows.norm(dim=1).mean() * FORGET_NORM_RATIO
 
 
 def save_judge(
