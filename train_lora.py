@@ -26,10 +26,17 @@ from lorakit import checkpoint as ckpt
 from lorakit import latent_cache, outputs
 from lorakit.card import resolve_license, write_model_card
 from lorakit.config import ConfigError, TrainConfig, parse_args
-from lorakit.data import CaptionedImageDataset, DataError, check_resolution, collate_examples, prepare_dataset
+from lorakit.data import (
+    CaptionedImageDataset,
+    DataError,
+    TrainingData,
+    check_resolution,
+    collate_examples,
+    prepare_dataset,
+)
+from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
 from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
-from lorakit.lora import ADAPTER_WEIGHT_NAME
 from lorakit.params import count_parameters
 from lorakit.run_state import (
     StopRequest,
@@ -41,9 +48,9 @@ from lorakit.run_state import (
     save_training_state,
     stop_requested,
 )
+from lorakit.summary import TrainSummary, write_summary
 from lorakit.timing import NULL_TIMER, PhaseTimer, timed_batches
 from lorakit.token_embeddings import (
-    LEARNED_EMBEDS_NAME,
     TokenEmbeddingOffsets,
     apply_learned_embeds,
     read_learned_embeds,
@@ -89,9 +96,9 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.training.use_8bit_adam:
         check_8bit_adam_available()
     check_resolution(cfg.data.resolution, vae_scale_factor_from_config(cfg.model))
-    if cfg.lora.init_adapter and not (Path(cfg.lora.init_adapter) / ADAPTER_WEIGHT_NAME).is_file():
+    if cfg.lora.init_adapter and not (Path(cfg.lora.init_adapter) / ADAPTER_FILE).is_file():
         raise ConfigError(
-            f"--init_adapter {cfg.lora.init_adapter} has no {ADAPTER_WEIGHT_NAME}: point it at a finished run folder."
+            f"--init_adapter {cfg.lora.init_adapter} has no {ADAPTER_FILE}: point it at a finished run folder."
         )
     if cfg.lora.train_token_embeddings:
         word_token_ids(load_tokenizer(cfg.model), cfg.lora.train_token_embeddings)
@@ -140,24 +147,27 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
     """The whole run: checks, data, models, LoRA, loop, outputs. `timer` (bench) splits each step's time."""
     started = time.time()
     timer = timer or NULL_TIMER
+    command = outputs.launch_command(argv)
     preflight(cfg)
-    rows, image_column, caption_column = prepare_dataset(cfg.data, cfg.training.seed)
+    data = prepare_dataset(cfg.data, cfg.training.seed)
     accelerator = make_accelerator(cfg)
     check_processes(cfg, accelerator)
     set_seed(cfg.training.seed)
     stop = StopRequest()
     try:
-        run = set_up(cfg, accelerator, rows, image_column, caption_column)
+        run = set_up(cfg, accelerator, data)
         state = resume_if_asked(cfg, accelerator, run.fingerprint)
         if accelerator.is_main_process:
             accelerator.init_trackers("lora", config=cfg.flat_scalars())
             outputs.write_training_config(cfg.output.output_dir, cfg)
         accelerator.print(
-            f"{len(rows)} samples, {run.total_steps} steps, {run.lora_parameters:,} LoRA parameters, "
+            f"{len(data.rows)} samples, {run.total_steps} steps, {run.lora_parameters:,} LoRA parameters, "
             f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)."
         )
-        train_loop(cfg, accelerator, run, state, stop, timer, argv)
-        out = finish(cfg, accelerator, run, state, len(rows), started, argv)
+        train_loop(cfg, accelerator, run, state, stop, timer, command)
+        out = write_outputs(cfg, accelerator, run, state, len(data.rows), started, command)
+        accelerator.end_training()
+        publish(cfg, accelerator, out)
         unwrap = accelerator.unwrap_model
         return RunResult(out, unwrap(run.unet), unwrap(run.text_encoder), state, run.latent_cache)
     finally:
@@ -186,7 +196,7 @@ class Run:
     latent_cache: dict | None = None
 
 
-def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, caption_column: str) -> Run:
+def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Run:
     """Load the base, attach LoRA, build data, optimizer and schedule, and hand them to accelerate."""
     models = load_models(cfg.model, cfg.training.prediction_type)
     params = attach_lora(models, cfg.lora, weight_dtype_for(accelerator), accelerator.device)
@@ -197,9 +207,9 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, 
     token_offsets = attach_token_offsets(models, cfg.lora)
     apply_speed_options(cfg, models)
     train_data = CaptionedImageDataset(
-        rows,
-        image_column,
-        caption_column,
+        data.rows,
+        data.image_column,
+        data.caption_column,
         models.tokenizer,
         cfg.data.resolution,
         cfg.data.center_crop,
@@ -210,7 +220,7 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, 
     if cfg.training.cache_latents:
         with accelerator.main_process_first():
             train_data, path, hit = latent_cache.cached_dataset(
-                models, train_data, cfg, rows._fingerprint, accelerator.is_main_process
+                models, train_data, cfg, data.fingerprint, accelerator.is_main_process
             )
         latent_cache_info = {"path": str(path), "hit": hit}
         accelerator.print(f"Latent cache {'reused' if hit else 'written'}: {path}")
@@ -225,29 +235,29 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, rows, image_column: str, 
     trained = [unet] + ([text_encoder] if cfg.lora.train_text_encoder else [])
     ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None, token_offsets)
     return Run(
-        models,
-        unet,
-        text_encoder,
-        trained,
-        params + ([token_offsets.offsets] if token_offsets is not None else []),
-        token_offsets,
-        inherited_words,
-        optimizer,
-        lr_scheduler,
-        dataloader,
-        train_data,
-        num_batches,
-        total_steps,
-        current_fingerprint(cfg, rows, caption_column, accelerator.num_processes),
-        count_parameters(accelerator.unwrap_model(unet), trainable_only=True),
-        latent_cache_info,
+        models=models,
+        unet=unet,
+        text_encoder=text_encoder,
+        trained=trained,
+        params=params + ([token_offsets.offsets] if token_offsets is not None else []),
+        token_offsets=token_offsets,
+        inherited_words=inherited_words,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        dataloader=dataloader,
+        train_data=train_data,
+        num_batches=num_batches,
+        total_steps=total_steps,
+        fingerprint=current_fingerprint(cfg, data.fingerprint, accelerator.num_processes),
+        lora_parameters=count_parameters(accelerator.unwrap_model(unet), trainable_only=True),
+        latent_cache=latent_cache_info,
     )
 
 
 def inherit_learned_words(init_adapter: str | None, models: Models) -> dict[str, torch.Tensor]:
     """Words an `--init_adapter` run learned, written into this run's text encoder (and saved with its output):
     its LoRA was trained with them, and would not know its concept word without them."""
-    path = Path(init_adapter) / LEARNED_EMBEDS_NAME if init_adapter else None
+    path = Path(init_adapter) / LEARNED_EMBEDS_FILE if init_adapter else None
     if path is None or not path.is_file():
         return {}
     words = read_learned_embeds(path)
@@ -255,8 +265,10 @@ def inherit_learned_words(init_adapter: str | None, models: Models) -> dict[str,
     return words
 
 
-def train_loop(cfg, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, timer, argv) -> None:
-    """Epochs of optimizer steps; resumes at the exact batch; checkpoints, validates, stops on request."""
+def train_loop(
+    cfg: TrainConfig, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, timer, command: str
+) -> None:
+    """Epochs of optimizer steps until the step budget or the epoch count is reached; resumes at the exact batch."""
     progress = tqdm(
         range(run.total_steps),
         initial=state.global_step,
@@ -264,43 +276,54 @@ def train_loop(cfg, accelerator: Accelerator, run: Run, state: TrainState, stop:
         unit="step",
         disable=not accelerator.is_local_main_process,
     )
-    accumulated, micro = 0.0, 0
     while state.global_step < run.total_steps and state.epoch < cfg.training.num_train_epochs:
-        run.train_data.set_epoch(state.epoch)
-        run.dataloader.set_epoch(state.epoch)
-        loader = run.dataloader
-        if state.batches_in_epoch:
-            loader = accelerator.skip_first_batches(run.dataloader, state.batches_in_epoch)
-        for batch in timed_batches(loader, timer):
-            position = state.epoch * run.num_batches + state.batches_in_epoch
-            generator = step_generator(cfg.training.seed, position, accelerator.process_index, accelerator.device)
-            with accelerator.accumulate(*run.trained):
-                loss = training_loss(run.models, run.unet, run.text_encoder, batch, cfg.training, generator, timer)
-                with timer.phase("unet_forward_backward"):
-                    accelerator.backward(loss)
-                with timer.phase("optimizer_step"):
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(run.params, cfg.training.max_grad_norm)
-                    run.optimizer.step()
-                    run.lr_scheduler.step()
-                    run.optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            accumulated += accelerator.gather(loss.detach().float().reshape(1)).mean().item()
-            micro += 1
-            if not accelerator.sync_gradients:
-                continue
-            timer.steps += 1
-            step_loss, accumulated, micro = accumulated / micro, 0.0, 0
-            after_optimizer_step(cfg, accelerator, run, state, step_loss, progress)
-            if stop_requested(accelerator, stop):
-                stop_and_exit(cfg, accelerator, run, state, stop, argv)
-            if state.global_step >= run.total_steps:
-                break
-        else:
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            continue
-        break
+        train_epoch(cfg, accelerator, run, state, stop, timer, command, progress)
     progress.close()
+
+
+def train_epoch(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run: Run,
+    state: TrainState,
+    stop: StopRequest,
+    timer,
+    command: str,
+    progress,
+) -> None:
+    """The rest of the current epoch (all of it unless resumed mid-epoch); returns early at the last step."""
+    run.train_data.set_epoch(state.epoch)
+    run.dataloader.set_epoch(state.epoch)
+    loader = run.dataloader
+    if state.batches_in_epoch:
+        loader = accelerator.skip_first_batches(run.dataloader, state.batches_in_epoch)
+    micro_losses: list[float] = []
+    for batch in timed_batches(loader, timer):
+        position = state.epoch * run.num_batches + state.batches_in_epoch
+        generator = step_generator(cfg.training.seed, position, accelerator.process_index, accelerator.device)
+        with accelerator.accumulate(*run.trained):
+            loss = training_loss(run.models, run.unet, run.text_encoder, batch, cfg.training, generator, timer)
+            with timer.phase("unet_forward_backward"):
+                accelerator.backward(loss)
+            with timer.phase("optimizer_step"):
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(run.params, cfg.training.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+        state.batches_in_epoch += 1
+        micro_losses.append(accelerator.gather(loss.detach().float().reshape(1)).mean().item())
+        if not accelerator.sync_gradients:
+            continue
+        # The step's loss is the mean over its micro-batches (and processes), as the gradient is.
+        timer.steps += 1
+        step_loss, micro_losses = sum(micro_losses) / len(micro_losses), []
+        after_optimizer_step(cfg, accelerator, run, state, step_loss, progress)
+        if stop_requested(accelerator, stop):
+            stop_and_exit(cfg, accelerator, run, state, stop, command)
+        if state.global_step >= run.total_steps:
+            return
+    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
 
 def after_optimizer_step(
@@ -321,64 +344,74 @@ def after_optimizer_step(
             run_validation(cfg, accelerator, run.models, run.unet, run.text_encoder, state.global_step, final=False)
 
 
-def stop_and_exit(cfg, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, argv) -> None:
+def stop_and_exit(
+    cfg: TrainConfig, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, command: str
+) -> None:
     """Pre-emption or Ctrl-C: checkpoint at this step and say how to resume."""
     where = save_training_state(cfg, accelerator, state, run.fingerprint)
     accelerator.print(
         f"Stopped by {stop.signal_name} after step {state.global_step}; saved {where}. Resume with:\n  "
-        f"{outputs.reproduce_command(argv)} --resume_from_checkpoint latest"
+        f"{command} --resume_from_checkpoint latest"
     )
     accelerator.end_training()
     raise SystemExit(128 + signal.Signals[stop.signal_name or "SIGTERM"].value)
 
 
-def finish(cfg, accelerator: Accelerator, run: Run, state: TrainState, num_samples: int, started: float, argv) -> Path:
-    """Save the adapter and everything the card, docs and Hub need; main process only."""
+def write_outputs(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    run: Run,
+    state: TrainState,
+    num_samples: int,
+    started: float,
+    command: str,
+) -> Path:
+    """Save the adapter and everything the card, docs and Hub need (main process), each file atomically."""
     out = Path(cfg.output.output_dir)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        text_encoder_to_save = accelerator.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
-        adapter = outputs.save_adapter_atomic(out, accelerator.unwrap_model(run.unet), text_encoder_to_save)
-        learned = dict(run.inherited_words)
-        if run.token_offsets is not None:
-            learned.update(zip(run.token_offsets.words, run.token_offsets.rows(), strict=True))
-        if learned:
-            save_learned_embeds(out, list(learned), torch.stack(list(learned.values())))
-        validation = run_validation(
-            cfg, accelerator, run.models, run.unet, run.text_encoder, state.global_step, final=True
-        )
-        outputs.write_loss_history(out, state.loss_history)
-        outputs.plot_loss_curve(out, state.loss_history)
-        outputs.write_summary(
-            out,
-            {
-                "base_model": cfg.model.pretrained_model_name_or_path,
-                "dataset": cfg.data.dataset_name or cfg.data.train_data_dir,
-                "num_samples": num_samples,
-                "global_step": state.global_step,
-                "num_train_epochs": cfg.training.num_train_epochs,
-                "lora_trainable_parameters": run.lora_parameters,
-                "learned_words": list(cfg.lora.train_token_embeddings),
-                "adapter_file_bytes": adapter.stat().st_size,
-                "train_seconds": round(time.time() - started, 2),
-                "final_loss": state.loss_history[-1]["loss"] if state.loss_history else None,
-                "command": outputs.reproduce_command(argv),
-                "mixed_precision": accelerator.mixed_precision,
-                "num_processes": accelerator.num_processes,
-                "validation": validation,
-                "instance_prompt": None,
-                "license": resolve_license(cfg.model.pretrained_model_name_or_path, None)[0],
-            },
-        )
-        write_model_card(out)
-        if cfg.output.export_kohya:
-            export_kohya(out)
-        outputs.clean_temporary_files(out)
-        accelerator.print(f"Saved {adapter} ({adapter.stat().st_size:,} bytes) and its model card in {out}.")
-    accelerator.end_training()
+    if not accelerator.is_main_process:
+        return out
+    text_encoder_to_save = accelerator.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
+    adapter = outputs.save_adapter_atomic(out, accelerator.unwrap_model(run.unet), text_encoder_to_save)
+    learned = dict(run.inherited_words)
+    if run.token_offsets is not None:
+        learned.update(zip(run.token_offsets.words, run.token_offsets.rows(), strict=True))
+    if learned:
+        save_learned_embeds(out, list(learned), torch.stack(list(learned.values())))
+    step = state.global_step
+    validation = run_validation(cfg, accelerator, run.models, run.unet, run.text_encoder, step, final=True)
+    outputs.write_loss_history(out, state.loss_history)
+    outputs.plot_loss_curve(out, state.loss_history)
+    summary = TrainSummary(
+        base_model=cfg.model.pretrained_model_name_or_path,
+        dataset=cfg.data.dataset_name or cfg.data.train_data_dir,
+        num_samples=num_samples,
+        global_step=state.global_step,
+        num_train_epochs=cfg.training.num_train_epochs,
+        lora_trainable_parameters=run.lora_parameters,
+        adapter_file_bytes=adapter.stat().st_size,
+        train_seconds=round(time.time() - started, 2),  # validation included, as the card says
+        final_loss=state.loss_history[-1]["loss"] if state.loss_history else None,
+        command=command,
+        mixed_precision=accelerator.mixed_precision,
+        num_processes=accelerator.num_processes,
+        learned_words=list(cfg.lora.train_token_embeddings),
+        validation=validation,
+        license=resolve_license(cfg.model.pretrained_model_name_or_path, None)[0],
+    )
+    write_summary(out, summary)
+    write_model_card(out)
+    if cfg.output.export_kohya:
+        export_kohya(out)
+    outputs.clean_temporary_files(out)
+    accelerator.print(f"Saved {adapter} ({adapter.stat().st_size:,} bytes) and its model card in {out}.")
+    return out
+
+
+def publish(cfg: TrainConfig, accelerator: Accelerator, out: Path) -> None:
+    """Push the finished output folder to the Hub when asked (main process; the local output is already complete)."""
     if cfg.output.push_to_hub and accelerator.is_main_process:
         accelerator.print(f"Pushed to {push_adapter(out, cfg.output.hub_model_id, cfg.output.hub_private)}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,12 @@
 #
 #   bash bench/gpu.sh            # from the repository root, on a machine with a CUDA GPU
 #
-# BK-SDM-Tiny configs: ../shared/reference/bk-sdm-tiny, or the folder named by $BK_SDM_TINY_CONFIGS (copy the
-# four *_config.json files along when only the repository travels to the GPU machine).
+# BK-SDM-Tiny configs: the repository's configs/architectures/bk-sdm-tiny, or the folder named by
+# $BK_SDM_TINY_CONFIGS.
 # Packages: torch must be there. Anything else missing from requirements.txt (diffusers, datasets, gradio...)
 # is installed from wheels in .whl/ (make them with `bash bench/gpu_wheels.sh` on a machine with pip access).
-# From a session with a lent GPU machine (only the repository travels): copy the configs into an ignored folder
-# first, `mkdir -p .bkref && cp ../shared/reference/bk-sdm-tiny/*.json .bkref/ && echo /.bkref/ >> .git/info/exclude`,
-# carry `.bkref` and `.whl`, and run `BK_SDM_TINY_CONFIGS=.bkref bash bench/gpu.sh`; results land in $OUT too.
+# From a session with a lent GPU machine (only the repository travels): carry `.whl` and run `bash bench/gpu.sh`;
+# results land in $OUT too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -37,7 +36,7 @@ if ! "$PY" -c "import diffusers, datasets, transformers, peft, accelerate, gradi
   fi
 fi
 "$PY" -c "import torch; print('[gpu.sh]', torch.__version__, torch.cuda.get_device_name(0))"
-CONFIGS=${BK_SDM_TINY_CONFIGS:-../shared/reference/bk-sdm-tiny}
+CONFIGS=${BK_SDM_TINY_CONFIGS:-configs/architectures/bk-sdm-tiny}
 if [ ! -f "$CONFIGS/unet_config.json" ]; then
   echo "error: no BK-SDM-Tiny configs in $CONFIGS: set BK_SDM_TINY_CONFIGS to the folder of its *_config.json." >&2
   exit 2

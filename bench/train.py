@@ -44,8 +44,8 @@ class TrainCase:
 def reference_pipeline(work_dir: Path) -> Path:
     """BK-SDM-Tiny's architecture with random weights, built once (~40 s, 2 GB) and kept in `work_dir`.
 
-    The configs come from ../shared/reference/bk-sdm-tiny, or from $BK_SDM_TINY_CONFIGS where that folder is
-    absent (a GPU machine that received only the repository).
+    The configs are the repository's (configs/architectures/bk-sdm-tiny); $BK_SDM_TINY_CONFIGS names another folder
+    of the same four files (another architecture of the same family, say).
     """
     target = work_dir / "bk-sdm-tiny"
     if not (target / "model_index.json").is_file():

@@ -58,9 +58,8 @@ def write_counts(embedded: bool = True) -> list[Path]:
     from lorakit.atomic import atomic_write_json
     from lorakit.paths import BK_SDM_TINY_REFERENCE
 
-    # The reference configs are the Hub model's; without them, a config-only download of the real id does the same.
-    bk_source = str(BK_SDM_TINY_REFERENCE) if BK_SDM_TINY_REFERENCE.is_dir() else "nota-ai/bk-sdm-tiny"
-    bk = model_sizes(bk_source, (4, 8))
+    # The repository's copy of the Hub model's configs: counts from configs alone, no download.
+    bk = model_sizes(str(BK_SDM_TINY_REFERENCE), (4, 8))
     bk["base"] = "nota-ai/bk-sdm-tiny"
     atomic_write_json(src.SIZES_BK_SDM, bk)
     if not embedded:

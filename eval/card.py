@@ -15,12 +15,13 @@ from huggingface_hub import ModelCard, ModelCardData
 from eval.report import markdown_table
 from lorakit.atomic import atomic_write_text
 from lorakit.card import is_hub_id, to_eval_result, update_card_with_eval
+from lorakit.filenames import SUMMARY_FILE, TRAINING_CONFIG_FILE
 
 SECTION_START = "<!-- lorakit-eval:start -->"
 SECTION_END = "<!-- lorakit-eval:end -->"
 # Metrics this module owns in model-index; other entries (e.g. added by hand) are kept.
 OWN_METRICS = {"clip_score", "clip_r_precision"}
-RUN_FILES = ("training_config.yaml", "train_summary.json")
+RUN_FILES = (TRAINING_CONFIG_FILE, SUMMARY_FILE)
 
 
 def card_metrics(results: dict) -> list[dict]:

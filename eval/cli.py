@@ -21,7 +21,7 @@ from eval.prompts import (
     load_prompt_sets,
 )
 from eval.run import EvalOptions, evaluate
-from lorakit.lora import ADAPTER_WEIGHT_NAME
+from lorakit.filenames import ADAPTER_FILE
 from lorakit.paths import (
     EMBEDDED_CLIP,
     EMBEDDED_DEMO_ADAPTER,
@@ -68,7 +68,7 @@ def default_lora() -> Path:
     """The adapter the main command trained (its preset's output folder, or output/), else the demo adapter."""
     names = [name for name in (preset_output_dir(), "output") if name]
     for folder in (root / name for name in names for root in (Path.cwd(), REPO_ROOT)):
-        if (folder / ADAPTER_WEIGHT_NAME).is_file():
+        if (folder / ADAPTER_FILE).is_file():
             return folder
     return EMBEDDED_DEMO_ADAPTER
 
@@ -93,7 +93,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
     lora = args.lora or default_lora()
     if not args.lora and not Path(lora).exists():
         raise EvalInputError(
-            f"No adapter to evaluate: output/ has no {ADAPTER_WEIGHT_NAME} and the demo adapter {lora} is missing. "
+            f"No adapter to evaluate: output/ has no {ADAPTER_FILE} and the demo adapter {lora} is missing. "
             "Train one (python train_lora.py) or pass --lora PATH_OR_HUB_ID."
         )
     generation = GenerationSettings(

@@ -10,9 +10,9 @@ import torch
 
 from eval.prompts import EvalInputError
 from lorakit.config import ConfigError
+from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
 from lorakit.hub import fetch_optional_file
-from lorakit.lora import ADAPTER_WEIGHT_NAME
-from lorakit.token_embeddings import LEARNED_EMBEDS_NAME, apply_learned_embeds, read_learned_embeds
+from lorakit.token_embeddings import apply_learned_embeds, read_learned_embeds
 
 # LoRA down/up weight names across the diffusers, peft and older diffusers formats.
 _LORA_KEY = re.compile(
@@ -85,15 +85,15 @@ def adapter_state_dict(lora: str) -> dict[str, torch.Tensor]:
     """The adapter's weights as diffusers reads them (local folder, file or Hub id)."""
     from diffusers import StableDiffusionPipeline
 
-    _require_local_or_cached(lora, ADAPTER_WEIGHT_NAME, "LoRA adapter", "--lora")
+    _require_local_or_cached(lora, ADAPTER_FILE, "LoRA adapter", "--lora")
     path = Path(lora)
-    if path.is_dir() and not (path / ADAPTER_WEIGHT_NAME).is_file() and not any(path.glob("*.safetensors")):
-        raise EvalInputError(f"Adapter folder {path} has no {ADAPTER_WEIGHT_NAME}: pass --lora with a trained output.")
+    if path.is_dir() and not (path / ADAPTER_FILE).is_file() and not any(path.glob("*.safetensors")):
+        raise EvalInputError(f"Adapter folder {path} has no {ADAPTER_FILE}: pass --lora with a trained output.")
     try:
         state_dict, _ = StableDiffusionPipeline.lora_state_dict(lora, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise EvalInputError(
-            f"Cannot load LoRA adapter '{lora}': {error}. Pass --lora with a folder holding {ADAPTER_WEIGHT_NAME} "
+            f"Cannot load LoRA adapter '{lora}': {error}. Pass --lora with a folder holding {ADAPTER_FILE} "
             "or a Hub id (cached, when offline)."
         ) from error
     return state_dict
@@ -175,6 +175,6 @@ def learned_embeds_file(lora: str) -> str | None:
     path = Path(lora)
     if path.exists():
         folder = path if path.is_dir() else path.parent
-        found = folder / LEARNED_EMBEDS_NAME
+        found = folder / LEARNED_EMBEDS_FILE
         return str(found) if found.is_file() else None
-    return fetch_optional_file(lora, LEARNED_EMBEDS_NAME)
+    return fetch_optional_file(lora, LEARNED_EMBEDS_FILE)

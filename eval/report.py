@@ -9,10 +9,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from lorakit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lorakit.filenames import EVAL_GRID_FILE, EVAL_REPORT_FILE, EVAL_RESULTS_FILE
 
-RESULTS_JSON = "eval_results.json"
-RESULTS_MD = "eval_results.md"
-GRID_PNG = "comparison_grid.png"
 METRICS = (("clip_score", "CLIP score"), ("r_precision_top1", "R-precision@1"), ("mean_rank", "mean rank"))
 
 
@@ -91,7 +89,11 @@ def write_report(results: dict, grid: Image.Image, output_dir: str | Path) -> di
     """Write the three report files atomically; returns their paths."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output_dir / RESULTS_JSON, "markdown": output_dir / RESULTS_MD, "grid": output_dir / GRID_PNG}
+    paths = {
+        "json": output_dir / EVAL_RESULTS_FILE,
+        "markdown": output_dir / EVAL_REPORT_FILE,
+        "grid": output_dir / EVAL_GRID_FILE,
+    }
     atomic_write_json(paths["json"], results)
     atomic_write_text(paths["markdown"], markdown_table(results))
     buffer = io.BytesIO()

@@ -13,7 +13,7 @@ from eval.generate import Generated, GenerationSettings, generate, native_resolu
 from eval.models import adapter_state_dict, attach_adapter, check_adapter_fits, load_clip, load_pipeline
 from eval.prompts import PromptSet, candidate_prompts, load_prompt_sets
 from eval.report import comparison_grid, markdown_table, write_report
-from lorakit.lora import ADAPTER_WEIGHT_NAME
+from lorakit.filenames import ADAPTER_FILE
 from lorakit.metrics import clip_r_precision, clip_score
 from lorakit.params import pipeline_parameter_counts
 from lorakit.paths import shown_path
@@ -41,11 +41,11 @@ def adapter_file_bytes(lora: str) -> int | None:
     path = Path(lora)
     if path.is_file():
         return path.stat().st_size
-    if (path / ADAPTER_WEIGHT_NAME).is_file():
-        return (path / ADAPTER_WEIGHT_NAME).stat().st_size
+    if (path / ADAPTER_FILE).is_file():
+        return (path / ADAPTER_FILE).stat().st_size
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(lora, ADAPTER_WEIGHT_NAME)
+    cached = try_to_load_from_cache(lora, ADAPTER_FILE)
     return Path(cached).stat().st_size if isinstance(cached, str) else None
 
 

@@ -22,14 +22,22 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from lorakit.atomic import atomic_write_json, atomic_write_text
-from lorakit.hub import redact_secrets
+from lorakit.filenames import (
+    ADAPTER_FILE,
+    EVAL_RESULTS_FILE,
+    KOHYA_FILE,
+    LEARNED_EMBEDS_FILE,
+    LOSS_CURVE_FILE,
+    LOSS_HISTORY_FILE,
+    SUMMARY_FILE,
+    TRAINING_CONFIG_FILE,
+    VALIDATION_GRID_FILE,
+)
+from lorakit.hub_token import redact_secrets
 from lorakit.outputs import plot_loss_curve
-from lorakit.token_embeddings import LEARNED_EMBEDS_NAME
+from lorakit.summary import TrainSummary, read_summary
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
-EVAL_FILE = "eval_results.json"
 TAGS = ["text-to-image", "diffusers", "lora", "diffusers-training", "stable-diffusion", "template:sd-lora"]
 # Licences of bases we know; the adapter is a derivative and carries the base's licence.
 KNOWN_LICENSES = {
@@ -51,16 +59,16 @@ def is_hub_id(name: str | None) -> bool:
     return bool(name) and bool(_HUB_ID.match(name)) and not Path(name).exists()
 
 
-def _read_run(output_dir: Path) -> tuple[dict, dict, list[dict]]:
-    missing = [n for n in ("training_config.yaml", "train_summary.json") if not (output_dir / n).is_file()]
+def _read_run(output_dir: Path) -> tuple[dict, TrainSummary, list[dict]]:
+    missing = [n for n in (TRAINING_CONFIG_FILE, SUMMARY_FILE) if not (output_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(
             f"{output_dir} lacks {', '.join(missing)}: the card is rendered from a finished train_lora.py run. "
             "Point --output_dir at that run's folder."
         )
-    config = yaml.safe_load((output_dir / "training_config.yaml").read_text(encoding="utf-8")) or {}
-    summary = json.loads((output_dir / "train_summary.json").read_text(encoding="utf-8"))
-    history_path = output_dir / "loss_history.json"
+    config = yaml.safe_load((output_dir / TRAINING_CONFIG_FILE).read_text(encoding="utf-8")) or {}
+    summary = read_summary(output_dir)
+    history_path = output_dir / LOSS_HISTORY_FILE
     history = json.loads(history_path.read_text(encoding="utf-8")).get("history", []) if history_path.is_file() else []
     return config, summary, history
 
@@ -182,9 +190,9 @@ def _learned_words_lines(adapter: str) -> list[str]:
     so diffusers' load_textual_inversion, which adds new tokens, does not apply)."""
     q = json.dumps
     source = (
-        f"hf_hub_download({q(adapter)}, {q(LEARNED_EMBEDS_NAME)})"
+        f"hf_hub_download({q(adapter)}, {q(LEARNED_EMBEDS_FILE)})"
         if is_hub_id(adapter)
-        else q(f"{adapter}/{LEARNED_EMBEDS_NAME}")
+        else q(f"{adapter}/{LEARNED_EMBEDS_FILE}")
     )
     return [
         *(["from huggingface_hub import hf_hub_download"] if is_hub_id(adapter) else []),
@@ -202,23 +210,21 @@ def render_model_card(
     output_dir = Path(output_dir)
     config, summary, history = _read_run(output_dir)
     model_cfg, output_cfg = config.get("model") or {}, config.get("output") or {}
-    base_model = str(summary.get("base_model") or model_cfg.get("pretrained_model_name_or_path") or "")
+    base_model = str(summary.base_model or model_cfg.get("pretrained_model_name_or_path") or "")
     if not base_model:
         raise ValueError(f"{output_dir}/train_summary.json has no base_model; re-run training or add it.")
-    dataset = str(summary.get("dataset") or (config.get("data") or {}).get("dataset_name") or "local data")
+    dataset = str(summary.dataset or (config.get("data") or {}).get("dataset_name") or "local data")
     repo_id = repo_id or output_cfg.get("hub_model_id")
     model_name = (repo_id or output_dir.resolve().name).split("/")[-1]
-    license_id, license_note = resolve_license(base_model, summary.get("license"))
-    if eval_results is None and (output_dir / EVAL_FILE).is_file():
-        eval_results = json.loads((output_dir / EVAL_FILE).read_text(encoding="utf-8"))
+    license_id, license_note = resolve_license(base_model, summary.license)
+    if eval_results is None and (output_dir / EVAL_RESULTS_FILE).is_file():
+        eval_results = json.loads((output_dir / EVAL_RESULTS_FILE).read_text(encoding="utf-8"))
 
-    validation = [v for v in summary.get("validation") or [] if (output_dir / v["image"]).is_file()]
-    prompt = (validation[0]["prompt"] if validation else None) or summary.get("instance_prompt") or "a photo"
+    validation = [v for v in summary.validation if (output_dir / v.image).is_file()]
+    prompt = (validation[0].prompt if validation else None) or summary.instance_prompt or "a photo"
     adapter_path = output_dir / ADAPTER_FILE
-    adapter_bytes = (
-        adapter_path.stat().st_size if adapter_path.is_file() else int(summary.get("adapter_file_bytes", 0))
-    )
-    if not (output_dir / "loss_curve.png").is_file() and history:
+    adapter_bytes = adapter_path.stat().st_size if adapter_path.is_file() else summary.adapter_file_bytes
+    if not (output_dir / LOSS_CURVE_FILE).is_file() and history:
         plot_loss_curve(output_dir, history)
 
     evals = _eval_results(eval_results, model_name)
@@ -232,22 +238,22 @@ def render_model_card(
         pipeline_tag="text-to-image",
         eval_results=evals,
         model_name=model_name if evals else None,  # only model-index needs a name
-        widget=[{"text": v["prompt"], "output": {"url": v["image"]}} for v in validation] or None,
-        instance_prompt=summary.get("instance_prompt") or None,
+        widget=[{"text": v.prompt, "output": {"url": v.image}} for v in validation] or None,
+        instance_prompt=summary.instance_prompt or None,
     )
-    final_loss = summary.get("final_loss", history[-1]["loss"] if history else None)
+    final_loss = summary.final_loss
     results_rows = [
-        ("Optimisation steps", summary.get("global_step")),
-        ("Epochs", summary.get("num_train_epochs")),
-        ("Training samples", summary.get("num_samples")),
+        ("Optimisation steps", summary.global_step),
+        ("Epochs", summary.num_train_epochs),
+        ("Training samples", summary.num_samples),
         ("Final loss", f"{final_loss:.4g}" if isinstance(final_loss, (int, float)) else final_loss),
-        ("Training time", f"{float(summary.get('train_seconds', 0)):.0f} s"),
-        ("Mixed precision", summary.get("mixed_precision")),
-        ("LoRA trainable parameters", f"{int(summary.get('lora_trainable_parameters', 0)):,}"),
+        ("Training time", f"{summary.train_seconds:.0f} s"),
+        ("Mixed precision", summary.mixed_precision),
+        ("LoRA trainable parameters", f"{summary.lora_trainable_parameters:,}"),
         ("Adapter file size", f"{human_size(adapter_bytes)} ({adapter_bytes:,} bytes)"),
     ]
     metrics = (eval_results or {}).get("metrics") or []
-    learned_words = summary.get("learned_words") if (output_dir / LEARNED_EMBEDS_NAME).is_file() else None
+    learned_words = summary.learned_words if (output_dir / LEARNED_EMBEDS_FILE).is_file() else None
     variables = {
         "model_name": model_name,
         "base_model": base_model,
@@ -257,9 +263,9 @@ def render_model_card(
         "license_note": license_note,
         "dataset": dataset,
         "dataset_link": f"https://huggingface.co/datasets/{dataset}" if is_hub_id(dataset) else None,
-        "num_samples": summary.get("num_samples"),
-        "instance_prompt": summary.get("instance_prompt"),
-        "lora_params": int(summary.get("lora_trainable_parameters", 0)),
+        "num_samples": summary.num_samples,
+        "instance_prompt": summary.instance_prompt,
+        "lora_params": summary.lora_trainable_parameters,
         "adapter_size": human_size(adapter_bytes),
         "snippet": usage_snippet(
             base_model,
@@ -273,10 +279,10 @@ def render_model_card(
         "kohya_file": KOHYA_FILE if (output_dir / KOHYA_FILE).is_file() else None,
         "hyperparameter_table": _table(("Setting", "Value"), hyperparameter_rows(config)),
         "results_table": _table(("Result", "Value"), results_rows),
-        "loss_curve": "loss_curve.png" if (output_dir / "loss_curve.png").is_file() else None,
+        "loss_curve": LOSS_CURVE_FILE if (output_dir / LOSS_CURVE_FILE).is_file() else None,
         "validation": validation,
-        "validation_grid": "validation_grid.png" if (output_dir / "validation_grid.png").is_file() else None,
-        "validation_table": _table(("Prompt", "Image"), [(v["prompt"], f"![]({v['image']})") for v in validation]),
+        "validation_grid": VALIDATION_GRID_FILE if (output_dir / VALIDATION_GRID_FILE).is_file() else None,
+        "validation_table": _table(("Prompt", "Image"), [(v.prompt, f"![]({v.image})") for v in validation]),
         "eval_metrics": metrics,
         "eval_metrics_table": _table(
             ("Metric", "Dataset", "Value"),
@@ -284,7 +290,7 @@ def render_model_card(
         ),
         "eval_table": (eval_results or {}).get("table_markdown"),
         "eval_source": (eval_results or {}).get("source"),
-        "command": summary.get("command") or "(command not recorded)",
+        "command": summary.command or "(command not recorded)",
     }
     card = ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **variables)
     # Jinja block tags leave runs of blank lines; collapse them so the Markdown stays tidy.
@@ -324,5 +330,5 @@ def update_card_with_eval(output_dir: str | os.PathLike, results: dict) -> Path:
     output_dir = Path(output_dir)
     clean = validate_eval_results(results)
     _read_run(output_dir)  # fail on a wrong folder before writing anything into it
-    atomic_write_json(output_dir / EVAL_FILE, clean)
+    atomic_write_json(output_dir / EVAL_RESULTS_FILE, clean)
     return write_model_card(output_dir, eval_results=clean)

@@ -8,7 +8,6 @@ history and a fingerprint of what must not change across a resume.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,15 +23,15 @@ from peft.utils import set_peft_model_state_dict
 
 from lorakit.atomic import atomic_write_json
 from lorakit.config import ConfigError
+from lorakit.filenames import CHECKPOINT_PREFIX, LEARNED_EMBEDS_FILE
 from lorakit.lora import save_adapter
 from lorakit.token_embeddings import (
-    LEARNED_EMBEDS_NAME,
     TokenEmbeddingOffsets,
     read_learned_embeds,
     save_learned_embeds,
 )
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TRAIN_STATE_FILE = "train_state.json"
 
 
@@ -64,14 +63,6 @@ def resolve_resume_dir(output_dir: str | Path, resume_from: str | None) -> Path 
             f"Use 'latest' or one of {available or 'no checkpoints found in ' + str(output_dir)}."
         )
     return path
-
-
-def data_fingerprint(captions: list[Any], num_rows: int) -> str:
-    """A stable hash of the training rows' captions and count (changes when the data changes)."""
-    digest = hashlib.sha256(str(num_rows).encode())
-    for caption in captions:
-        digest.update(json.dumps(caption, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
@@ -112,7 +103,7 @@ def register_lora_hooks(
             accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
         )
         if token_offsets is not None:
-            learned = read_learned_embeds(Path(input_dir) / LEARNED_EMBEDS_NAME)
+            learned = read_learned_embeds(Path(input_dir) / LEARNED_EMBEDS_FILE)
             token_offsets.set_rows(torch.stack([learned[word] for word in token_offsets.words]))
 
     accelerator.register_save_state_pre_hook(save_hook)
@@ -144,8 +135,8 @@ def save_checkpoint(
 ) -> Path:
     """Save the full state to a temporary folder, then rename it to checkpoint-STEP (atomic on one filesystem)."""
     output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{global_step}"
-    tmp = output_dir / f".tmp-checkpoint-{global_step}"
+    final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+    tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{global_step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

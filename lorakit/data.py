@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import multiprocessing
 import random
 from dataclasses import dataclass
@@ -24,6 +26,18 @@ CAPTION_COLUMN_CANDIDATES = ("text", "caption", "captions", "prompt", "prompts",
 
 class DataError(ValueError):
     """The training data cannot be used; the message names the problem and the fix."""
+
+
+@dataclass
+class TrainingData:
+    """The checked training rows, their column names, and a fingerprint of their content."""
+
+    rows: datasets.Dataset
+    image_column: str
+    caption_column: str
+    # Hash of every row's image (bytes, or path + size + mtime) and caption, in order: the latent cache and resume
+    # compare it, so any change of the data (an edited caption, a replaced image, another order) is seen.
+    fingerprint: str
 
 
 def _is_saved_to_disk(folder: Path) -> bool:
@@ -92,8 +106,20 @@ def _open_image(value: Any) -> Image.Image:
     return Image.open(value)
 
 
-def check_images(dataset: datasets.Dataset, image_column: str) -> None:
-    """Fail fast on an unreadable image: header check of every row, no full decode."""
+def _image_identity(value: Any) -> bytes:
+    """What identifies an image's content cheaply: its bytes' hash, or its path with size and modification time."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return hashlib.sha256(value["bytes"]).digest()
+    if isinstance(value, Image.Image):
+        return hashlib.sha256(value.tobytes()).digest()
+    path = Path(value["path"] if isinstance(value, dict) else value)
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+
+
+def check_images(dataset: datasets.Dataset, image_column: str) -> str:
+    """Fail fast on an unreadable image (header check of every row, no full decode); return the images' hash."""
+    digest = hashlib.sha256()
     raw = (
         dataset.cast_column(image_column, datasets.Image(decode=False))
         if isinstance(dataset.features[image_column], datasets.Image)
@@ -103,11 +129,21 @@ def check_images(dataset: datasets.Dataset, image_column: str) -> None:
         try:
             with _open_image(value) as image:
                 image.verify()
+            digest.update(_image_identity(value))
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             where = value.get("path") if isinstance(value, dict) else f"row {index}"
             raise DataError(
                 f"Image at row {index} ({where}) cannot be read: {error}. Remove or replace it."
             ) from error
+    return digest.hexdigest()
+
+
+def data_fingerprint(image_digest: str, captions: list[Any]) -> str:
+    """A stable hash of the rows: the images' hash, then every caption in order (and so the row count)."""
+    digest = hashlib.sha256(image_digest.encode())
+    for caption in captions:
+        digest.update(json.dumps(caption, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]
 
 
 def _load_checked(cfg: DataConfig) -> tuple[datasets.Dataset, str, str]:
@@ -139,15 +175,16 @@ def mix_datasets(
     )
 
 
-def prepare_dataset(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, str, str]:
+def prepare_dataset(cfg: DataConfig, seed: int) -> TrainingData:
     """Load, check, mix and subsample the training data before any model is loaded."""
     dataset, image_column, caption_column = _load_checked(cfg)
     if cfg.mix_train_data_dir:
         dataset = mix_datasets(dataset, image_column, caption_column, cfg, seed)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(cfg.max_train_samples))
-    check_images(dataset, image_column)
-    return dataset, image_column, caption_column
+    image_digest = check_images(dataset, image_column)
+    fingerprint = data_fingerprint(image_digest, dataset[caption_column])
+    return TrainingData(dataset, image_column, caption_column, fingerprint)
 
 
 def pick_caption(value: Any, rng: random.Random) -> str:

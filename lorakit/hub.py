@@ -22,56 +22,57 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from lorakit.card import write_model_card
+from lorakit.filenames import (
+    ADAPTER_FILE,
+    CARD_FILE,
+    CHECKPOINT_PREFIX,
+    EVAL_RESULTS_FILE,
+    KOHYA_FILE,
+    LEARNED_EMBEDS_FILE,
+    LOSS_CURVE_FILE,
+    LOSS_HISTORY_FILE,
+    SUMMARY_FILE,
+    TRAINING_CONFIG_FILE,
+    VALIDATION_DIR,
+    VALIDATION_GRID_FILE,
+)
+from lorakit.hub_token import redact_secrets, resolve_token
+
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 CHECKPOINT_BRANCH = "checkpoints"
 # What a published adapter repo holds: weights, card, images, config and history. Nothing else.
 UPLOAD_PATTERNS = [
     ADAPTER_FILE,
-    "pytorch_lora_weights_kohya.safetensors",
-    "learned_embeds.safetensors",  # words learned with --train_token_embeddings
-    "README.md",
-    "loss_curve.png",
-    "validation_grid.png",
-    "validation/final/*.png",
-    "training_config.yaml",
-    "loss_history.json",
-    "train_summary.json",
-    "eval_results.json",
+    KOHYA_FILE,
+    LEARNED_EMBEDS_FILE,
+    CARD_FILE,
+    LOSS_CURVE_FILE,
+    VALIDATION_GRID_FILE,
+    f"{VALIDATION_DIR}/final/*.png",
+    TRAINING_CONFIG_FILE,
+    LOSS_HISTORY_FILE,
+    SUMMARY_FILE,
+    EVAL_RESULTS_FILE,
 ]
 # Belt and braces on top of the allow-list: checkpoints (optimizer state), TensorBoard logs, temp files.
-IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "logs/**", "*optimizer*", "*.tmp", ".*", "*/.*"]
+IGNORE_PATTERNS = [
+    f"{CHECKPOINT_PREFIX}*",
+    f"{CHECKPOINT_PREFIX}*/**",
+    "logs/**",
+    "*optimizer*",
+    "*.tmp",
+    ".*",
+    "*/.*",
+]
 # A checkpoint branch gets weights and small metadata only; pickled optimizer/RNG state never leaves the machine.
 CHECKPOINT_PATTERNS = ["*.safetensors", "*.json", "*.yaml"]
 CHECKPOINT_IGNORE_PATTERNS = ["*optimizer*", "*.bin", "*.pkl", "*.pt", "*.tmp", ".*", "*/.*"]
-_TOKEN_SHAPE = re.compile(r"hf_[A-Za-z0-9]{30,}")
 
 
 class PushError(RuntimeError):
     """A Hub push failed; the message names the cause and how to retry. Never contains the token."""
-
-
-def resolve_token() -> str | None:
-    """The Hub token from `HF_TOKEN`, else huggingface_hub's login cache, else None."""
-    token = (os.environ.get("HF_TOKEN") or "").strip()
-    if token:
-        return token
-    from huggingface_hub import get_token
-
-    return get_token() or None
-
-
-def redact_secrets(text: str) -> str:
-    """`text` with any Hub token (the configured one, or anything shaped like one) replaced by `***`."""
-    secrets = {os.environ.get(name, "").strip() for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    try:
-        secrets.add(resolve_token() or "")
-    except Exception:  # a broken login cache must not stop redaction of what we do know
-        pass
-    for secret in sorted((s for s in secrets if len(s) >= 8), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return _TOKEN_SHAPE.sub("***", text)
 
 
 def _get_api(api: Any | None) -> Any:
@@ -195,8 +196,6 @@ def push_adapter(
     except Exception as exc:  # any failure here is reported with the retry command, token scrubbed
         raise _failure(exc, repo_id, "the adapter", retry_commands(output_dir, repo_id, private), output_dir) from None
 
-    from lorakit.card import write_model_card
-
     # Re-render so the card's usage snippet names the repo it is pushed to (a local write, before any upload).
     write_model_card(output_dir, repo_id=repo_id)
     try:
@@ -224,7 +223,7 @@ def push_checkpoint(
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise PushError(f"Checkpoint folder {checkpoint_dir} does not exist; nothing to push for step {step}.")
-    path_in_repo = f"checkpoint-{int(step)}"
+    path_in_repo = f"{CHECKPOINT_PREFIX}{int(step)}"
     includes = " ".join(f"--include {shlex.quote(p)}" for p in CHECKPOINT_PATTERNS)
     excludes = " ".join(f"--exclude {shlex.quote(p)}" for p in CHECKPOINT_IGNORE_PATTERNS)
     retry = [

@@ -31,17 +31,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from lorakit.atomic import atomic_write_bytes
+from lorakit.filenames import ADAPTER_FILE, KOHYA_FILE, TRAINING_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
-CONFIG_FILE = "training_config.yaml"
 
 
 def read_lora_alpha(output_dir: str | os.PathLike) -> float:
     """The `lora.lora_alpha` recorded in the output folder's `training_config.yaml`."""
-    config_path = Path(output_dir) / CONFIG_FILE
+    config_path = Path(output_dir) / TRAINING_CONFIG_FILE
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{config_path} is missing: the kohya export needs the run's lora_alpha. "

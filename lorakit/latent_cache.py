@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lorakit.config import TrainConfig
 from lorakit.data import CaptionedImageDataset, collate_examples
-from lorakit.token_embeddings import LEARNED_EMBEDS_NAME
+from lorakit.filenames import LEARNED_EMBEDS_FILE
 from lorakit.training import Models
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit")) / "latents"
@@ -58,7 +58,7 @@ def cache_key(cfg: TrainConfig, data_fingerprint: str, cache_text: bool) -> str:
         "seed": cfg.training.seed,
         "text": cache_text,
         # cached text states hold the words an --init_adapter run learned
-        "init_words": _file_identity(Path(cfg.lora.init_adapter) / LEARNED_EMBEDS_NAME)
+        "init_words": _file_identity(Path(cfg.lora.init_adapter) / LEARNED_EMBEDS_FILE)
         if cfg.lora.init_adapter
         else None,
         **_model_identity(cfg.model.pretrained_model_name_or_path, cfg.model.revision, cfg.model.variant),

@@ -11,11 +11,12 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from lorakit.filenames import ADAPTER_FILE
+
 # The attention projections of every UNet transformer block, as in the diffusers LoRA example.
 DEFAULT_UNET_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # The CLIP text encoder's attention projections (used with --train_text_encoder).
 DEFAULT_TEXT_ENCODER_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
-ADAPTER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def make_lora_config(
@@ -65,7 +66,7 @@ def save_adapter(
         # The LoRA config travels in the file's metadata, so loaders use the trained alpha, not alpha = rank.
         unet_lora_adapter_metadata=adapter_metadata(unet),
         text_encoder_lora_adapter_metadata=adapter_metadata(text_encoder) if text_encoder is not None else None,
-        weight_name=ADAPTER_WEIGHT_NAME,
+        weight_name=ADAPTER_FILE,
         safe_serialization=True,
     )
-    return Path(save_directory) / ADAPTER_WEIGHT_NAME
+    return Path(save_directory) / ADAPTER_FILE

@@ -9,29 +9,23 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
 from lorakit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorakit.config import ConfigError, TrainConfig
-from lorakit.lora import ADAPTER_WEIGHT_NAME, save_adapter
-
-TRAINING_CONFIG_FILE = "training_config.yaml"
-LOSS_HISTORY_FILE = "loss_history.json"
-LOSS_CURVE_FILE = "loss_curve.png"
-SUMMARY_FILE = "train_summary.json"
-VALIDATION_DIR = "validation"
-VALIDATION_GRID_FILE = "validation_grid.png"
+from lorakit.filenames import ADAPTER_FILE, LOSS_CURVE_FILE, LOSS_HISTORY_FILE, TRAINING_CONFIG_FILE
+from lorakit.hub_token import redact_secrets
+from lorakit.lora import save_adapter
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse to overwrite a finished adapter unless asked, or unless resuming into the same folder."""
-    adapter = Path(cfg.output.output_dir) / ADAPTER_WEIGHT_NAME
+    adapter = Path(cfg.output.output_dir) / ADAPTER_FILE
     if adapter.exists() and not cfg.output.overwrite_output_dir and cfg.training.resume_from_checkpoint is None:
         raise ConfigError(
-            f"{cfg.output.output_dir} already holds an adapter ({ADAPTER_WEIGHT_NAME}). "
+            f"{cfg.output.output_dir} already holds an adapter ({ADAPTER_FILE}). "
             "Pass --overwrite_output_dir to replace it, or choose another --output_dir."
         )
 
@@ -42,14 +36,53 @@ def save_adapter_atomic(output_dir: str | Path, unet: torch.nn.Module, text_enco
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".tmp-adapter-") as tmp:
         written = save_adapter(tmp, unet, text_encoder)
-        os.replace(written, output_dir / ADAPTER_WEIGHT_NAME)
-    return output_dir / ADAPTER_WEIGHT_NAME
+        os.replace(written, output_dir / ADAPTER_FILE)
+    return output_dir / ADAPTER_FILE
 
 
-def reproduce_command(argv: list[str] | None) -> str:
-    """The command that reproduces the run (flags as given; no secrets are ever flags)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return shlex.join(["accelerate", "launch", "--config_file", "accelerate_config.yaml", "train_lora.py", *args])
+# Programs that start the training script in a child process; their command line is what the user typed.
+LAUNCHERS = ("accelerate", "accelerate-launch", "torchrun")
+# accelerate launch -> (torch elastic agent) -> worker: the launcher is at most a few parents up.
+LAUNCHER_SEARCH_DEPTH = 4
+
+
+def _launcher_command(parents: list[list[str]], script: str) -> list[str] | None:
+    """The first parent command line that launched `script` (`accelerate launch ...`, `python -m accelerate...`)."""
+    script_name = Path(script).name
+    for cmdline in parents[:LAUNCHER_SEARCH_DEPTH]:
+        if not any(Path(arg).name == script_name for arg in cmdline[1:]):
+            continue
+        for index, part in enumerate(cmdline[:2]):  # the program itself, or the script an interpreter runs
+            if Path(part).name in LAUNCHERS:
+                return [Path(part).name, *cmdline[index + 1 :]]
+        if len(cmdline) > 2 and cmdline[1] == "-m" and cmdline[2].split(".")[0] in LAUNCHERS:
+            return ["python", *cmdline[1:]]
+    return None
+
+
+def _parent_command_lines() -> list[list[str]]:
+    import psutil
+
+    try:
+        return [parent.cmdline() for parent in psutil.Process().parents()[:LAUNCHER_SEARCH_DEPTH]]
+    except psutil.Error:  # a parent that exited or belongs to another user: no launcher to report
+        return []
+
+
+def launch_command(argv: list[str] | None = None) -> str:
+    """The command line that started this run, as it was typed.
+
+    Run as a script (`argv` None): the `accelerate launch ...` (or `torchrun ...`) line of the launcher that
+    started this process, else `python SCRIPT ARGS`. Called in-process with explicit flags (tests, the bench):
+    the equivalent `python train_lora.py ARGS`. No secret is ever a flag, and the result is redacted anyway.
+    """
+    script_args = sys.argv[1:] if argv is None else list(argv)
+    if argv is None or script_args == sys.argv[1:]:
+        launcher = _launcher_command(_parent_command_lines(), sys.argv[0])
+        command = launcher or ["python", sys.argv[0], *script_args]
+    else:
+        command = ["python", "train_lora.py", *script_args]
+    return redact_secrets(shlex.join(command))
 
 
 def write_training_config(output_dir: str | Path, cfg: TrainConfig) -> Path:
@@ -93,12 +126,6 @@ def plot_loss_curve(output_dir: str | Path, history: list[dict[str, float]]) -> 
     plt.close(figure)
     path = Path(output_dir) / LOSS_CURVE_FILE
     atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def write_summary(output_dir: str | Path, summary: dict[str, Any]) -> Path:
-    path = Path(output_dir) / SUMMARY_FILE
-    atomic_write_json(path, summary)
     return path
 
 

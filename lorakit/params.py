@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 # One folder layout per source: a saved diffusers pipeline (`unet/config.json`) or flat reference
-# configs as in ../shared/reference/bk-sdm-tiny (`unet_config.json`).
+# configs as in configs/architectures/bk-sdm-tiny (`unet_config.json`).
 _COMPONENTS = ("unet", "text_encoder", "vae")
 
 

@@ -14,7 +14,8 @@ EMBEDDED_DEMO_ADAPTER = EMBEDDED_DIR / "demo_adapter"
 EMBEDDED_PROMPTS = EMBEDDED_DIR / "prompts"
 CONFIGS_DIR = REPO_ROOT / "configs"
 SHAPES_PRESET = CONFIGS_DIR / "shapes.yaml"
-BK_SDM_TINY_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "bk-sdm-tiny"
+# The real BK-SDM-Tiny architecture as configs (no weights): tests and benchmarks build it with random weights.
+BK_SDM_TINY_REFERENCE = CONFIGS_DIR / "architectures" / "bk-sdm-tiny"
 
 
 def shown_path(location: str | Path) -> str:

@@ -1,7 +1,7 @@
 """A real architecture (e.g. BK-SDM-Tiny) with random weights, from its config files alone.
 
 The checkpoint cannot be downloaded here, so tests and benchmarks build the same modules from
-`../shared/reference/bk-sdm-tiny/*.json`, add a locally made tokenizer, and save a diffusers folder that
+`configs/architectures/bk-sdm-tiny/*.json`, add a locally made tokenizer, and save a diffusers folder that
 goes through exactly the code path the real `nota-ai/bk-sdm-tiny` would.
 """
 

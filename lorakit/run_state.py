@@ -51,10 +51,10 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
-def current_fingerprint(cfg: TrainConfig, dataset, caption_column: str, num_processes: int) -> dict:
-    """What must match between a checkpoint and the run that resumes from it."""
+def current_fingerprint(cfg: TrainConfig, data_fingerprint: str, num_processes: int) -> dict:
+    """What must match between a checkpoint and the run that resumes from it (`data_fingerprint`: the rows')."""
     return {
-        "data": ckpt.data_fingerprint(dataset[caption_column], len(dataset)),
+        "data": data_fingerprint,
         "train_batch_size": cfg.training.train_batch_size,
         "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
         "num_processes": num_processes,

@@ -22,8 +22,7 @@ from safetensors.torch import load_file, save
 
 from lorakit.atomic import atomic_write_bytes
 from lorakit.config import ConfigError
-
-LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"
+from lorakit.filenames import LEARNED_EMBEDS_FILE
 
 
 def word_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
@@ -77,7 +76,7 @@ class TokenEmbeddingOffsets(torch.nn.Module):
 def save_learned_embeds(folder: str | Path, words: Sequence[str], rows: torch.Tensor) -> Path:
     """Write `{word: vector}` to folder/learned_embeds.safetensors, atomically."""
     tensors = {word: row.detach().to("cpu", torch.float32).contiguous() for word, row in zip(words, rows, strict=True)}
-    path = Path(folder) / LEARNED_EMBEDS_NAME
+    path = Path(folder) / LEARNED_EMBEDS_FILE
     atomic_write_bytes(path, save(tensors))
     return path
 
@@ -109,7 +108,7 @@ def apply_learned_embeds(text_encoder: torch.nn.Module, tokenizer, embeds: dict[
 def learned_words(pipe, adapter_dir: str | Path) -> Iterator[list[str]]:
     """Within the block, `pipe`'s text encoder holds the words learned beside the LoRA in `adapter_dir` (if any);
     the base rows come back afterwards, as `unload_lora_weights` brings back the base UNet."""
-    path = Path(adapter_dir) / LEARNED_EMBEDS_NAME
+    path = Path(adapter_dir) / LEARNED_EMBEDS_FILE
     if not path.is_file():
         yield []
         return

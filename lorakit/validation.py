@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 
 from lorakit.atomic import atomic_write_bytes
 from lorakit.config import TrainConfig, ValidationArgs
-from lorakit.outputs import VALIDATION_DIR, VALIDATION_GRID_FILE
+from lorakit.filenames import VALIDATION_DIR, VALIDATION_GRID_FILE
+from lorakit.summary import ValidationImage
 from lorakit.training import Models
 
 
@@ -96,7 +97,7 @@ def grid_as_array(image: Image.Image) -> np.ndarray:
 
 def run_validation(
     cfg: TrainConfig, accelerator: Accelerator, models: Models, unet, text_encoder, step: int, final: bool
-) -> list[dict]:
+) -> list[ValidationImage]:
     """Render the validation prompts with fixed seeds, save a PNG grid, log it to the trackers."""
     if not cfg.validation.validation_prompt:
         return []
@@ -121,5 +122,5 @@ def run_validation(
     for index, (prompt, row) in enumerate(zip(cfg.validation.validation_prompt, rows, strict=True)):
         relative = f"{VALIDATION_DIR}/final/{index:02d}.png"
         save_png(row[0], out / relative)
-        entries.append({"prompt": prompt, "image": relative})
+        entries.append(ValidationImage(prompt=prompt, image=relative))
     return entries

@@ -17,7 +17,8 @@ from huggingface_hub.utils import filter_repo_objects
 
 from lorakit import hub
 from lorakit.card import write_model_card
-from lorakit.hub import PushError, default_repo_id, push_adapter, push_checkpoint, resolve_token
+from lorakit.hub import PushError, default_repo_id, push_adapter, push_checkpoint
+from lorakit.hub_token import resolve_token
 from lorakit.kohya import export_kohya
 
 SECRET = "hf_secret_test_value"

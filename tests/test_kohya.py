@@ -12,7 +12,8 @@ from diffusers import StableDiffusionPipeline
 from fake_run import LORA_ALPHA, RANK, make_run_folder
 from safetensors.torch import load_file, save_file
 
-from lorakit.kohya import ADAPTER_FILE, KOHYA_FILE, diffusers_to_kohya, export_kohya
+from lorakit.filenames import ADAPTER_FILE, KOHYA_FILE
+from lorakit.kohya import diffusers_to_kohya, export_kohya
 
 
 @pytest.fixture(scope="module")

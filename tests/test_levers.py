@@ -122,8 +122,8 @@ def test_mixing_datasets_replays_old_data_at_the_stated_share(tmp_path):
         text = "".join(json.dumps({**row, "text": f"{tag} {row['text']}"}) + "\n" for row in rows)
         (folder / "metadata.jsonl").write_text(text)
     cfg = parse_args(["--train_data_dir", str(new), "--mix_train_data_dir", str(old), "--mix_weights", "3", "1"])
-    mixed, _, caption = prepare_dataset(cfg.data, seed=0)
-    captions = mixed[caption]
+    data = prepare_dataset(cfg.data, seed=0)
+    captions = data.rows[data.caption_column]
     new_count = sum(c.startswith("new") for c in captions)
     assert new_count == 12 and len(set(c for c in captions if c.startswith("new"))) <= 12
     assert 1 <= len(captions) - new_count <= 8  # about a quarter of the epoch is replayed old data

@@ -1,4 +1,4 @@
-"""The real BK-SDM-Tiny architecture (random weights, shared reference configs) goes through the trainer."""
+"""The real BK-SDM-Tiny architecture (random weights, configs/architectures/ configs) goes through the trainer."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lorakit.config import parse_args
 from lorakit.paths import BK_SDM_TINY_REFERENCE
 from lorakit.reference import build_reference_pipeline
 
-# Published in ../shared/reference/README.md (diffusers 0.42 / transformers 5.x).
+# configs/architectures/bk-sdm-tiny/README.md (diffusers 0.42 / transformers 5.x).
 BK_SDM_TINY_LORA_RANK4 = 431_616
 
 

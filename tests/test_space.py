@@ -200,7 +200,7 @@ def test_learned_embeds_file_locally_and_from_a_fake_hub(app, learned_word_model
     from huggingface_hub.errors import EntryNotFoundError
 
     _, adapter_dir, _ = learned_word_models
-    assert app.learned_embeds_file(adapter_dir) == str(Path(adapter_dir) / app.LEARNED_EMBEDS_NAME)
+    assert app.learned_embeds_file(adapter_dir) == str(Path(adapter_dir) / app.LEARNED_EMBEDS_FILE)
     assert app.learned_embeds_file(str(tmp_path)) is None  # a folder without learned words
 
     class FakeApi:

@@ -15,8 +15,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 import train_lora
 from eval.models import attach_adapter, learned_embeds_file, load_pipeline
 from lorakit.config import ConfigError, parse_args
+from lorakit.filenames import LEARNED_EMBEDS_FILE
 from lorakit.token_embeddings import (
-    LEARNED_EMBEDS_NAME,
     TokenEmbeddingOffsets,
     apply_learned_embeds,
     read_learned_embeds,
@@ -71,7 +71,7 @@ def test_saved_words_applied_to_a_fresh_text_encoder_give_the_trained_states(tin
     ids = token_ids(tokenizer, [f"a {WORD} square"])
     trained_states = text_encoder(ids)[0]
     path = save_learned_embeds(tmp_path, offsets.words, offsets.rows())
-    assert path.name == LEARNED_EMBEDS_NAME and set(read_learned_embeds(path)) == {WORD}
+    assert path.name == LEARNED_EMBEDS_FILE and set(read_learned_embeds(path)) == {WORD}
     _, fresh = tiny_text_side(tiny_pipeline_dir)
     assert apply_learned_embeds(fresh, tokenizer, read_learned_embeds(path)) == [WORD]
     assert torch.allclose(fresh(ids)[0], trained_states, atol=1e-6)
@@ -116,11 +116,11 @@ def learned_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
 
 def test_training_learns_the_word_and_no_other_row(learned_run, tiny_pipeline_dir):
     tokenizer, text_encoder = tiny_text_side(tiny_pipeline_dir)
-    learned = load_file(learned_run / LEARNED_EMBEDS_NAME)
+    learned = load_file(learned_run / LEARNED_EMBEDS_FILE)
     assert set(learned) == {WORD}
     base_row = text_encoder.get_input_embeddings().weight[word_token_ids(tokenizer, [WORD])[0]]
     assert (learned[WORD] - base_row).abs().max() > 1e-3
-    assert set(load_file(learned_run / "checkpoint-2" / LEARNED_EMBEDS_NAME)) == {WORD}  # checkpoints hold it too
+    assert set(load_file(learned_run / "checkpoint-2" / LEARNED_EMBEDS_FILE)) == {WORD}  # checkpoints hold it too
     card = (learned_run / "README.md").read_text()
     assert f"**Learned words:** `{WORD}`" in card and "load_file(" in card
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
@@ -128,14 +128,14 @@ def test_training_learns_the_word_and_no_other_row(learned_run, tiny_pipeline_di
 
 
 def test_eval_loads_the_learned_word_with_the_adapter(learned_run, tiny_pipeline_dir):
-    assert learned_embeds_file(str(learned_run)) == str(learned_run / LEARNED_EMBEDS_NAME)
+    assert learned_embeds_file(str(learned_run)) == str(learned_run / LEARNED_EMBEDS_FILE)
     assert learned_embeds_file(str(learned_run / "pytorch_lora_weights.safetensors")) is not None
     pipe = load_pipeline(str(tiny_pipeline_dir))
     table_before = pipe.text_encoder.get_input_embeddings().weight.clone()
     assert attach_adapter(pipe, str(learned_run), str(tiny_pipeline_dir)) == [WORD]
     table = pipe.text_encoder.get_input_embeddings().weight
     word_id = word_token_ids(pipe.tokenizer, [WORD])[0]
-    assert torch.allclose(table[word_id], load_file(learned_run / LEARNED_EMBEDS_NAME)[WORD])
+    assert torch.allclose(table[word_id], load_file(learned_run / LEARNED_EMBEDS_FILE)[WORD])
     others = torch.arange(len(table)) != word_id
     assert torch.equal(table[others], table_before[others])
 
@@ -150,7 +150,7 @@ def test_sigkill_then_resume_gives_the_same_word_and_adapter(
     resumed = run_faulty("none", [*args, "--resume_from_checkpoint", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.allclose(
-        load_file(out / LEARNED_EMBEDS_NAME)[WORD], load_file(learned_run / LEARNED_EMBEDS_NAME)[WORD], atol=1e-6
+        load_file(out / LEARNED_EMBEDS_FILE)[WORD], load_file(learned_run / LEARNED_EMBEDS_FILE)[WORD], atol=1e-6
     )
     assert_same_adapter(out, learned_run)
 
@@ -164,4 +164,4 @@ def test_a_run_started_from_an_adapter_keeps_its_learned_words(
     completed = run_faulty("none", [*args, "--max_train_steps", "2", *cache])
     assert completed.returncode == 0, completed.stderr[-2000:]
     # the continued LoRA was trained with the word, and is saved with it
-    assert torch.equal(load_file(out / LEARNED_EMBEDS_NAME)[WORD], load_file(learned_run / LEARNED_EMBEDS_NAME)[WORD])
+    assert torch.equal(load_file(out / LEARNED_EMBEDS_FILE)[WORD], load_file(learned_run / LEARNED_EMBEDS_FILE)[WORD])

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train_lora
 from lorakit.config import parse_args
-from lorakit.lora import ADAPTER_WEIGHT_NAME
+from lorakit.filenames import ADAPTER_FILE
 from lorakit.training import attach_lora, load_models, step_generator, training_loss
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,7 +90,7 @@ def test_adapter_loads_in_stock_pipeline_and_scale_zero_is_base(tiny_pipeline_di
     disabled = render(pipe, cross_attention_kwargs={"scale": 0.0})
     assert (adapted - base).abs().max() > 1e-4
     assert torch.allclose(disabled, base, atol=1e-6)
-    keys = load_file(out / ADAPTER_WEIGHT_NAME).keys()
+    keys = load_file(out / ADAPTER_FILE).keys()
     assert all(key.startswith("unet.") for key in keys) and any(key.endswith("lora.down.weight") for key in keys)
 
 
@@ -107,7 +107,7 @@ def test_bf16_keeps_lora_weights_fp32(tiny_pipeline_dir, tiny_dataset_dir, tmp_p
     base = [p for name, p in result.unet.named_parameters() if "lora_" not in name]
     assert lora and all(p.dtype == torch.float32 for p in lora)
     assert all(p.dtype == torch.bfloat16 for p in base)
-    assert all(t.dtype == torch.float32 for t in load_file(out / ADAPTER_WEIGHT_NAME).values())
+    assert all(t.dtype == torch.float32 for t in load_file(out / ADAPTER_FILE).values())
     assert json.loads((out / "train_summary.json").read_text())["mixed_precision"] == "bf16"
 
 
@@ -118,7 +118,7 @@ def test_text_encoder_lora_is_saved_and_loads(tiny_pipeline_dir, tiny_dataset_di
             tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--train_text_encoder", "--max_train_steps", "2")
         )
     )
-    keys = load_file(out / ADAPTER_WEIGHT_NAME).keys()
+    keys = load_file(out / ADAPTER_FILE).keys()
     assert any(key.startswith("text_encoder.") for key in keys)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.load_lora_weights(out)
@@ -172,6 +172,6 @@ def test_accelerate_launch_end_to_end(tiny_pipeline_dir, tiny_dataset_dir, tmp_p
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert (out / ADAPTER_WEIGHT_NAME).is_file()
+    assert (out / ADAPTER_FILE).is_file()
     assert len(json.loads((out / "loss_history.json").read_text())["history"]) == 3
     assert "rank: 4" in (out / "training_config.yaml").read_text()
