@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from lorakit import training
 
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting (Hang et al., arXiv 2303.09556): faster, steadier convergence
@@ -60,13 +61,6 @@ def build_cache(
     return LatentCache(mean, std, caption_index, encode_text(distinct, tokenizer, text_encoder), scaling_factor)
 
 
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Per-sample loss weights min(SNR, gamma)/SNR for epsilon prediction."""
-    alphas = scheduler.alphas_cumprod[timesteps]
-    snr = alphas / (1 - alphas)
-    return snr.clamp(max=MIN_SNR_GAMMA) / snr
-
-
 def diffusion_loss(
     unet: UNet2DConditionModel,
     scheduler: DDPMScheduler,
@@ -82,8 +76,7 @@ def diffusion_loss(
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
     prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
-    per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * min_snr_weights(scheduler, timesteps)).mean()
+    return training.diffusion_loss(prediction, noise, timesteps, scheduler, snr_gamma=MIN_SNR_GAMMA)
 
 
 @torch.no_grad()

@@ -176,6 +176,19 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, training: TrainingArgs, 
     )
 
 
+def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR weighting (Hang et al., arXiv 2303.09556, eq. 11 and its v form).
+
+    Epsilon prediction: min(SNR, gamma) / SNR. v-prediction: min(SNR, gamma) / (SNR + 1), because the v loss
+    already carries a factor SNR + 1 relative to the epsilon loss.
+    """
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
 def diffusion_loss(
     model_pred: torch.Tensor,
     target: torch.Tensor,
@@ -183,17 +196,11 @@ def diffusion_loss(
     noise_scheduler: DDPMScheduler,
     snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """MSE between prediction and target, optionally min-SNR weighted (Hang et al., arXiv 2303.09556)."""
+    """MSE between prediction and target, optionally min-SNR weighted per sample."""
     if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.clamp(snr, max=snr_gamma)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        weights = clipped / (snr + 1)
-    else:
-        weights = clipped / snr
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    return (per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma)).mean()
 
 
 def diffusion_target(
