@@ -37,7 +37,10 @@ from lorakit.hub_token import redact_secrets
 from lorakit.outputs import plot_loss_curve
 from lorakit.summary import TrainSummary, read_summary
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
+CARD_TEMPLATE = "model_card.md"
+# In a checkout the template is the repository's top-level file; `pip install .` ships a copy inside the package.
+_PACKAGED_TEMPLATE = Path(__file__).resolve().parent / CARD_TEMPLATE
+_CHECKOUT_TEMPLATE = Path(__file__).resolve().parent.parent / CARD_TEMPLATE
 TAGS = ["text-to-image", "diffusers", "lora", "diffusers-training", "stable-diffusion", "template:sd-lora"]
 # Licences of bases we know; the adapter is a derivative and carries the base's licence.
 KNOWN_LICENSES = {
@@ -52,6 +55,11 @@ KNOWN_LICENSES = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _REQUIRED_METRIC_KEYS = ("metric_type", "value", "dataset_name", "dataset_type")
+
+
+def template_path() -> Path:
+    """The Jinja template of the model card: the installed package's copy, else the checkout's `model_card.md`."""
+    return _PACKAGED_TEMPLATE if _PACKAGED_TEMPLATE.is_file() else _CHECKOUT_TEMPLATE
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -292,7 +300,7 @@ def render_model_card(
         "eval_source": (eval_results or {}).get("source"),
         "command": summary.command or "(command not recorded)",
     }
-    card = ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **variables)
+    card = ModelCard.from_template(card_data, template_path=str(template_path()), **variables)
     # Jinja block tags leave runs of blank lines; collapse them so the Markdown stays tidy.
     text = re.sub(r"\n{3,}", "\n\n", redact_secrets(str(card))).rstrip() + "\n"
     return ModelCard(text)
