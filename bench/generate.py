@@ -231,10 +231,11 @@ def one_step_adapter(base: str, work_dir: Path) -> str:
     import train_lora
     from bench.data import make_image_folder
     from lorakit.config import parse_args
+    from lorakit.filenames import ADAPTER_FILE
     from lorakit.paths import SHAPES_PRESET
 
     out = work_dir / "generate-adapter" / Path(base).name
-    if (out / "pytorch_lora_weights.safetensors").is_file():
+    if (out / ADAPTER_FILE).is_file():
         return str(out)
     data = make_image_folder(work_dir / "data-png-64-4", 4, 64)
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -36,6 +35,7 @@ from embedded import world  # noqa: E402
 from embedded.dataset import write_imagefolder  # noqa: E402
 from lorakit.atomic import atomic_write_json  # noqa: E402
 from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS  # noqa: E402
+from lorakit.summary import TrainSummary, read_summary  # noqa: E402
 from lorakit.token_embeddings import learned_words  # noqa: E402
 
 NEW_SHAPE = world.DISTRACTOR_SHAPE  # "blob": known to the judge, never drawn by the base UNet
@@ -107,11 +107,11 @@ def stage_commands(work: Path, new_data: Path, old_data: Path = EMBEDDED_ADAPTER
     }
 
 
-def train(command: list[str], output_dir: Path) -> dict:
-    """Run one training stage (fresh output folder) and return its train_summary.json."""
+def train(command: list[str], output_dir: Path) -> TrainSummary:
+    """Run one training stage (fresh output folder) and return its summary."""
     shutil.rmtree(output_dir, ignore_errors=True)
     subprocess.run([sys.executable, *command[1:]], cwd=REPO, check=True)
-    return json.loads((output_dir / "train_summary.json").read_text())
+    return read_summary(output_dir)
 
 
 def prompt_sets(folder: Path = EMBEDDED_PROMPTS) -> dict[str, list[str]]:
@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         stage = {"name": name, "label": LABELS[name], "scores": scores}
         if name in commands:
             stage["command"] = shlex.join(commands[name])
-            stage["train_seconds"] = summaries[name]["train_seconds"]
-            stage["global_step"] = summaries[name]["global_step"]
-            stage["num_samples"] = summaries[name]["num_samples"]
+            stage["train_seconds"] = summaries[name].train_seconds
+            stage["global_step"] = summaries[name].global_step
+            stage["num_samples"] = summaries[name].num_samples
         stages.append(stage)
         stage_images.append((LABELS[name], images))
 

@@ -16,6 +16,17 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
+from lorakit.filenames import (
+    ADAPTER_FILE,
+    CHECKPOINT_PREFIX,
+    LOSS_CURVE_FILE,
+    LOSS_HISTORY_FILE,
+    TRAINING_CONFIG_FILE,
+    VALIDATION_DIR,
+    VALIDATION_GRID_FILE,
+)
+from lorakit.summary import TrainSummary, ValidationImage, write_summary
+
 RANK = 4
 LORA_ALPHA = 8.0  # deliberately != RANK, so a lost alpha changes the output
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -69,7 +80,7 @@ def make_run_folder(
     StableDiffusionPipeline.save_lora_weights(
         out, unet_lora_layers=state, unet_lora_adapter_metadata=config.to_dict(), safe_serialization=True, **te_kwargs
     )
-    adapter_bytes = (out / "pytorch_lora_weights.safetensors").stat().st_size
+    adapter_bytes = (out / ADAPTER_FILE).stat().st_size
     training_config = {
         "model": {"pretrained_model_name_or_path": base_name, "revision": None, "variant": None},
         "data": {
@@ -105,44 +116,45 @@ def make_run_folder(
             "export_kohya": True,
         },
     }
-    (out / "training_config.yaml").write_text(yaml.safe_dump(training_config, sort_keys=False))
+    (out / TRAINING_CONFIG_FILE).write_text(yaml.safe_dump(training_config, sort_keys=False))
     history = [{"step": s, "loss": round(0.5 / s, 5), "lr": 1e-4} for s in range(1, 19)]
-    (out / "loss_history.json").write_text(json.dumps({"history": history}))
-    Image.new("RGB", (64, 48), (200, 200, 255)).save(out / "loss_curve.png")
+    (out / LOSS_HISTORY_FILE).write_text(json.dumps({"history": history}))
+    Image.new("RGB", (64, 48), (200, 200, 255)).save(out / LOSS_CURVE_FILE)
     validation = []
     if prompts:
-        (out / "validation" / "final").mkdir(parents=True)
+        (out / VALIDATION_DIR / "final").mkdir(parents=True)
         for index, prompt in enumerate(prompts):
-            image = f"validation/final/{index:02d}.png"
+            image = f"{VALIDATION_DIR}/final/{index:02d}.png"
             Image.new("RGB", (32, 32), (10 * index, 90, 30)).save(out / image)
-            validation.append({"prompt": prompt, "image": image})
-        Image.new("RGB", (64, 32)).save(out / "validation" / "step-000005.png")
-        Image.new("RGB", (64, 32)).save(out / "validation_grid.png")
-    summary = {
-        "base_model": base_name,
-        "dataset": DATASET_ID,
-        "num_samples": 12,
-        "global_step": 18,
-        "num_train_epochs": 3,
-        "lora_trainable_parameters": lora_params,
-        "adapter_file_bytes": adapter_bytes,
-        "train_seconds": 12.5,
-        "final_loss": history[-1]["loss"],
-        "command": f"python train_lora.py --pretrained_model_name_or_path {base_name} --dataset_name {DATASET_ID} "
+            validation.append(ValidationImage(prompt=prompt, image=image))
+        Image.new("RGB", (64, 32)).save(out / VALIDATION_DIR / "step-000005.png")
+        Image.new("RGB", (64, 32)).save(out / VALIDATION_GRID_FILE)
+    summary = TrainSummary(
+        base_model=base_name,
+        dataset=DATASET_ID,
+        num_samples=12,
+        global_step=18,
+        num_train_epochs=3,
+        lora_trainable_parameters=lora_params,
+        adapter_file_bytes=adapter_bytes,
+        train_seconds=12.5,
+        final_loss=history[-1]["loss"],
+        command=f"python train_lora.py --pretrained_model_name_or_path {base_name} --dataset_name {DATASET_ID} "
         f"--output_dir {out} --rank {RANK} --lora_alpha {LORA_ALPHA:g} --max_train_steps 18 --seed 1234",
-        "mixed_precision": "no",
-        "validation": validation,
-        "instance_prompt": instance_prompt,
-        "license": license,
-    }
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        mixed_precision="no",
+        validation=validation,
+        instance_prompt=instance_prompt,
+        license=license,
+    )
+    write_summary(out, summary)
     # What must never be pushed: checkpoints (with optimizer state), TensorBoard logs, temp files.
-    (out / "checkpoint-5").mkdir()
+    checkpoint = out / f"{CHECKPOINT_PREFIX}5"
+    checkpoint.mkdir()
     # Mirrors lorakit.checkpoint: accelerate state (pickles) plus the LoRA weights and a train_state.json.
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "scaler.pt"):
-        (out / "checkpoint-5" / name).write_bytes(b"\0" * 16)
-    shutil.copy(out / "pytorch_lora_weights.safetensors", out / "checkpoint-5" / "pytorch_lora_weights.safetensors")
-    (out / "checkpoint-5" / "train_state.json").write_text(json.dumps({"global_step": 5}))
+        (checkpoint / name).write_bytes(b"\0" * 16)
+    shutil.copy(out / ADAPTER_FILE, checkpoint / ADAPTER_FILE)
+    (checkpoint / "train_state.json").write_text(json.dumps({"global_step": 5}))
     (out / "logs").mkdir()
     (out / "logs" / "events.out.tfevents.1.host").write_bytes(b"tb")
     (out / ".README.md.abc123.tmp").write_text("half-written")

@@ -167,6 +167,7 @@ def test_quickstart_training_command_runs_as_written(tmp_path):
         summary = json.loads((output / "train_summary.json").read_text())
         assert (output / "pytorch_lora_weights.safetensors").stat().st_size == summary["adapter_file_bytes"] > 0
         assert summary["num_samples"] == sources.dataset_rows(REPO / "embedded" / "data" / "adapter")
+        assert summary["command"] == command  # the launch line as typed, not a reconstruction
     finally:
         shutil.rmtree(output, ignore_errors=True)
         if backup.exists():
