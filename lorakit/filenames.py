@@ -2,7 +2,7 @@
 
 The trainer writes them, the card, the Hub upload, the kohya export, eval, the docs, the bench and the tests read
 them from here. The Space (`space/app.py`) is deployed alone with pip imports only, so it keeps its own copy of
-the two names it needs; `tests/test_space.py` checks that they agree.
+the name it needs; `tests/test_space.py` checks that they agree.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ EMBEDDED_PROMPTS = EMBEDDED_DIR / "prompts" / "adapter.txt"
 HUB_DEFAULT_BASE = "nota-ai/bk-sdm-tiny"
 ADAPTER_NAME = "adapter"
 # Words the training run learned beside the LoRA (train_lora.py --train_token_embeddings): {word: vector}.
-LEARNED_EMBEDS_NAME = "learned_embeds.safetensors"
+LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"  # lorakit.filenames.LEARNED_EMBEDS_FILE (no lorakit import here)
 
 MAX_SEED = int(np.iinfo(np.int32).max)
 MIN_STEPS, MAX_STEPS, DEFAULT_STEPS = 1, 100, 20
@@ -123,13 +123,13 @@ def learned_embeds_file(adapter: str, api=None) -> str | None:
     """The adapter's learned_embeds.safetensors (local folder or Hub repo), or None if it learned no words."""
     path = Path(adapter)
     if path.exists():
-        found = (path if path.is_dir() else path.parent) / LEARNED_EMBEDS_NAME
+        found = (path if path.is_dir() else path.parent) / LEARNED_EMBEDS_FILE
         return str(found) if found.is_file() else None
     from huggingface_hub import HfApi
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return (api or HfApi()).hf_hub_download(repo_id=adapter, filename=LEARNED_EMBEDS_NAME)
+        return (api or HfApi()).hf_hub_download(repo_id=adapter, filename=LEARNED_EMBEDS_FILE)
     except EntryNotFoundError:
         return None
 

@@ -196,6 +196,13 @@ def test_learned_word_is_loaded_and_scale_zero_or_comparison_is_the_base(app, le
     assert torch.equal(table[blue], vector)  # back to the learned word for the next request
 
 
+def test_space_file_names_agree_with_lorakit(app):
+    """The Space is deployed alone (no lorakit import), so it carries its own copy of the name."""
+    from lorakit.filenames import LEARNED_EMBEDS_FILE
+
+    assert app.LEARNED_EMBEDS_FILE == LEARNED_EMBEDS_FILE
+
+
 def test_learned_embeds_file_locally_and_from_a_fake_hub(app, learned_word_models, tmp_path):
     from huggingface_hub.errors import EntryNotFoundError
 
