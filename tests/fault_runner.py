@@ -2,7 +2,7 @@
 
     python tests/fault_runner.py FAULT -- TRAIN_ARGS...      (also under `accelerate launch`)
 
-FAULT: kill_after_checkpoint:K | kill_inside_save:K | sigterm_at_step:K | record_indices:DIR | none
+FAULT: kill_after_checkpoint:K | kill_inside_save:K | sigterm_at_step:K | kill_at_batch:N | record_indices:DIR | none
 The faults are real: SIGKILL and SIGTERM are sent to this very process at the named point.
 """
 
@@ -57,6 +57,20 @@ def sigterm_at_step(step: int) -> None:
     train_lora.training_loss = loss_then_signal
 
 
+def kill_at_batch(call: int) -> None:
+    """SIGKILL as the loop asks for its N-th batch loss in this process (under accumulation: mid-step)."""
+    original = train_lora.training_loss
+    calls = {"n": 0}
+
+    def die_before_loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    train_lora.training_loss = die_before_loss
+
+
 def record_indices(folder: str) -> None:
     from accelerate import PartialState
 
@@ -75,6 +89,7 @@ FAULTS = {
     "kill_after_checkpoint": lambda v: kill_after_checkpoint(int(v)),
     "kill_inside_save": lambda v: kill_inside_save(int(v)),
     "sigterm_at_step": lambda v: sigterm_at_step(int(v)),
+    "kill_at_batch": lambda v: kill_at_batch(int(v)),
     "record_indices": record_indices,
 }
 
