@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from eval.prompts import EvalInputError
+from lorakit.compat import PIPELINE_DTYPE_KWARG
 from lorakit.config import ConfigError
 from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
 from lorakit.hub import fetch_optional_file
@@ -70,7 +71,11 @@ def load_pipeline(name_or_path: str, device: torch.device | str = "cpu", dtype: 
     _require_local_or_cached(name_or_path, "model_index.json", "base pipeline", "--base")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            name_or_path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, use_safetensors=True
+            name_or_path,
+            safety_checker=None,
+            requires_safety_checker=False,
+            use_safetensors=True,
+            **{PIPELINE_DTYPE_KWARG: dtype},
         )
     except (OSError, ValueError) as error:
         raise EvalInputError(

@@ -102,6 +102,7 @@ def test_card_body_has_every_section_with_real_values(run_dir):
     assert "## Evaluation" not in body
 
 
+@pytest.mark.slow
 def test_card_snippet_runs_against_tiny_pipeline_and_changes_output(run_dir, tiny_pipeline_dir, tmp_path, monkeypatch):
     text = write_model_card(run_dir, repo_id=REPO_ID).read_text()
     snippet = _python_block(text, "How to use")

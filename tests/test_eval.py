@@ -366,8 +366,8 @@ def test_evaluate_writes_report_and_updates_card(
     out = tmp_path / "out"
     assert json.loads((out / "eval_results.json").read_text()) == json.loads(json.dumps(results))
     assert "| base | 2 | 4 |" in (out / "eval_results.md").read_text()
-    grid = Image.open(out / "comparison_grid.png")
-    assert grid.height > 3 * 128 and grid.width > 2 * 128  # three prompt rows, two columns
+    with Image.open(out / "comparison_grid.png") as grid:
+        assert grid.height > 3 * 128 and grid.width > 2 * 128  # three prompt rows, two columns
 
     assert [row["num_images"] for row in results["prompt_sets"]] == [4, 2]
     assert results["num_candidates"] == 3

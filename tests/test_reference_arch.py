@@ -13,6 +13,9 @@ from lorakit.config import parse_args
 from lorakit.paths import BK_SDM_TINY_REFERENCE
 from lorakit.reference import build_reference_pipeline
 
+# A 530M-parameter model built and trained for a step: part of the whole suite, not the inner loop.
+pytestmark = pytest.mark.slow
+
 # configs/architectures/bk-sdm-tiny/README.md (diffusers 0.42 / transformers 5.x).
 BK_SDM_TINY_LORA_RANK4 = 431_616
 

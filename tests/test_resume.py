@@ -56,6 +56,7 @@ def uninterrupted(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory) -> Path
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(
     uninterrupted, tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
@@ -75,6 +76,7 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(
     assert [round(r["loss"], 6) for r in resumed_losses] == [round(r["loss"], 6) for r in uninterrupted_losses]
 
 
+@pytest.mark.slow
 def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one_loadable(
     uninterrupted, tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
@@ -94,6 +96,7 @@ def test_sigkill_inside_a_checkpoint_write_leaves_the_previous_one_loadable(
     assert not list(out.glob(".tmp-*"))  # the torn temporary folder is cleaned up
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_latest_finishes_the_epoch(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "out"
     args = train_args(tiny_pipeline_dir, tiny_dataset_dir, out)
@@ -172,6 +175,7 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in load_file(out / "checkpoint-4" / ADAPTER).values())
 
 
+@pytest.mark.slow
 def test_two_processes_see_each_sample_once_and_write_one_adapter(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     out, seen = tmp_path / "out", tmp_path / "seen"
     seen.mkdir()

@@ -114,6 +114,7 @@ def learned_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_training_learns_the_word_and_no_other_row(learned_run, tiny_pipeline_dir):
     tokenizer, text_encoder = tiny_text_side(tiny_pipeline_dir)
     learned = load_file(learned_run / LEARNED_EMBEDS_FILE)
@@ -127,6 +128,7 @@ def test_training_learns_the_word_and_no_other_row(learned_run, tiny_pipeline_di
     compile(snippet, "snippet", "exec")  # the card's usage code is valid Python
 
 
+@pytest.mark.slow
 def test_eval_loads_the_learned_word_with_the_adapter(learned_run, tiny_pipeline_dir):
     assert learned_embeds_file(str(learned_run)) == str(learned_run / LEARNED_EMBEDS_FILE)
     assert learned_embeds_file(str(learned_run / "pytorch_lora_weights.safetensors")) is not None
@@ -140,6 +142,7 @@ def test_eval_loads_the_learned_word_with_the_adapter(learned_run, tiny_pipeline
     assert torch.equal(table[others], table_before[others])
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_word_and_adapter(
     learned_run, tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
@@ -155,6 +158,7 @@ def test_sigkill_then_resume_gives_the_same_word_and_adapter(
     assert_same_adapter(out, learned_run)
 
 
+@pytest.mark.slow
 def test_a_run_started_from_an_adapter_keeps_its_learned_words(
     learned_run, tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):

@@ -52,6 +52,7 @@ def test_only_lora_trains_and_base_weights_stay_bit_identical(tiny_pipeline_dir,
     assert result.state.global_step == 6  # 12 samples / batch 2, one epoch
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_batch(tiny_pipeline_dir, tiny_dataset_dir):
     cfg = parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, Path("unused"), "--rank", "8"))
     torch.manual_seed(0)
@@ -79,6 +80,7 @@ def test_loss_falls_on_a_fixed_batch(tiny_pipeline_dir, tiny_dataset_dir):
     assert last < 0.9 * first, losses
 
 
+@pytest.mark.slow
 def test_adapter_loads_in_stock_pipeline_and_scale_zero_is_base(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "out"
     train_lora.train(parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out)))
@@ -159,6 +161,7 @@ def test_outputs_follow_the_contract(tiny_pipeline_dir, tiny_dataset_dir, tmp_pa
     assert list((out / "logs").rglob("events.out.tfevents*"))
 
 
+@pytest.mark.slow
 def test_accelerate_launch_end_to_end(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     out = tmp_path / "out"
     command = [
