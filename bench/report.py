@@ -6,6 +6,7 @@ from pathlib import Path
 
 from bench.results_io import read_results
 from lorakit.atomic import atomic_write_text
+from lorakit.markdown import markdown_table
 from lorakit.paths import REPO_ROOT
 from lorakit.timing import PHASES
 
@@ -71,12 +72,6 @@ def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def machine_line(document: dict) -> str:
     m = document["machine"]
     gpu = f", GPU {m['gpu']} (CUDA {m['cuda']})" if m.get("gpu") else ", no GPU"
@@ -124,7 +119,7 @@ def train_table(cases: list[dict]) -> str:
                 fmt(c["peak_cuda_mib"], 5),
             ]
         )
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def case_notes(cases: list[dict]) -> str:
@@ -179,7 +174,9 @@ def cache_section(cases: list[dict], checks: dict) -> str:
     parts = [
         "### `--cache_latents` (BK-SDM-Tiny architecture, CPU)",
         "",
-        table(["run", "epoch", "s/step", "VAE enc.", "text enc.", "UNet fwd+bwd", "start-up s", "cache"], rows),
+        markdown_table(
+            ["run", "epoch", "s/step", "VAE enc.", "text enc.", "UNet fwd+bwd", "start-up s", "cache"], rows
+        ),
         "",
     ]
     cache = checks.get("cache_latents")
@@ -271,7 +268,7 @@ def generate_section(document: dict) -> str:
         f'{document["dtype"]}, guidance 7.5, prompt "{document["prompt"]}", median of {document["repeats"]} '
         "image(s) after one warm-up image each, through `space/app.py`'s own sampling code.",
         "",
-        table(["variant", "steps", "s/image", "vs Space default"], rows),
+        markdown_table(["variant", "steps", "s/image", "vs Space default"], rows),
         "",
         f"- Fused LoRA / base model: {r['fused_over_base']:.3f}x (within 5%: "
         f"{fmt(document['checks']['fused_within_5_percent_of_base'])}); fused with the LoRA wrappers unloaded: "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from embedded import world
+from lorakit.markdown import markdown_table
 from lorakit.paths import EMBEDDED_DEMO_ADAPTER, EMBEDDED_DIR, REPO_ROOT
 
 # the demo adapter's evaluation, written by docs/build.py --rerun (python -m eval ... --output_dir docs/results/eval)
@@ -126,13 +127,13 @@ def _figures(report: dict) -> str:
         rows.append(
             (f"Base pipeline R-precision, {label} ({figure['images']} images; per seed {seeds})", figure["top1"], bar)
         )
-    lines = ["| Figure | Value | Bar | Met |", "|---|---|---|---|"]
-    lines += [f"| {label} | {value:.3f} | {bar} | {_met(value, bar)} |" for label, value, bar in rows]
+    cells = [[label, f"{value:.3f}", bar, _met(value, bar)] for label, value, bar in rows]
+    table = markdown_table(["Figure", "Value", "Bar", "Met"], cells)
     note = (
         "\nR-precision: top-1 of each generated image's own prompt among all world captions, judged by "
         "`clip/`, with the pipeline at its default call settings (DPM-Solver, 50 steps, guidance 7.5).\n"
     )
-    return "\n".join(lines) + "\n" + note
+    return table + "\n" + note
 
 
 FORGETTING = """\
@@ -216,11 +217,14 @@ def _lora_section(lora_eval: dict, summary: dict, command: str) -> str:
         ("R-precision on base prompts after the LoRA", base["adapter"]["r_precision_top1"], base, ""),
         ("Drop on base prompts", base_drop, base, LORA_BARS["base_drop"]),
     ]
-    lines = ["| Figure | Images | Value | Bar | Met |", "|---|---:|---|---|---|"]
-    lines += [
-        f"| {label} | {entry['num_images']} | {value:.3f} | {bar or '-'} | {_met(value, bar) if bar else '-'} |"
-        for label, value, entry, bar in rows
-    ]
+    table = markdown_table(
+        ["Figure", "Images", "Value", "Bar", "Met"],
+        [
+            [label, entry["num_images"], f"{value:.3f}", bar or "-", _met(value, bar) if bar else "-"]
+            for label, value, entry, bar in rows
+        ],
+        align=["---", "---:", "---", "---", "---"],
+    )
     return (
         f"""
 ## After the default LoRA run
@@ -234,7 +238,7 @@ over {summary["num_samples"]} images, {summary["train_seconds"]:.1f} s of traini
 {lora_eval["num_candidates"]} candidates):
 
 """
-        + "\n".join(lines)
+        + table
         + """
 
 Before (top) and after (bottom) the LoRA, same seeds:

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from docgen import sources as src
+from lorakit.markdown import markdown_table
 
 BYTES_PER_PARAM = (("fp32", 4), ("fp16 / bf16", 2), ("8-bit", 1))
 COMPONENTS = (
@@ -37,9 +38,9 @@ def _lr(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
 
-def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    align = align or "|---" + "|---:" * (len(header) - 1) + "|"
-    return "\n".join(["| " + " | ".join(header) + " |", align, *("| " + " | ".join(r) + " |" for r in rows)])
+def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    """A figures table: the first column left-aligned, the others right-aligned unless `align` says otherwise."""
+    return markdown_table(header, rows, align or ["---", *["---:"] * (len(header) - 1)])
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def device_fit() -> str:
         _table(
             ["device", "platform", "RAM", *(f"weights {label}" for label, _ in BYTES_PER_PARAM)],
             rows,
-            align="|---|---|---:|---|---|---|",
+            align=["---", "---", "---:", "---", "---", "---"],
         )
         + f"\n\nBudget: {share:.0%} of the device's RAM for the model's weights (the rest is the OS, the app and "
         f"the activations while generating). BK-SDM-Tiny has {_n(total)} parameters in all. RAM figures and the "
@@ -219,7 +220,7 @@ def datasets_block() -> str:
                     naruto["license_note"],
                 ],
             ],
-            align="|---|---:|---|---|",
+            align=["---", "---:", "---", "---"],
         )
         + f"\n\nNaruto figures: {naruto['source']} (`docs/results/facts.json`)."
     )
@@ -273,7 +274,7 @@ def naruto_preset() -> str:
         ["validation prompts", "; ".join(f'"{v}"' for v in p["validation"]["validation_prompt"])],
         ["output", f"`{p['output']['output_dir']}/`"],
     ]
-    return _table(["setting", "value"], rows, align="|---|---|")
+    return _table(["setting", "value"], rows, align=["---", "---"])
 
 
 def python_version() -> str:
