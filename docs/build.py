@@ -26,8 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 from docgen import sources as src  # noqa: E402
-from docgen.markers import render_blocks  # noqa: E402
 from docgen.render import RENDERERS  # noqa: E402
+
+from lorakit.markdown import render_blocks  # noqa: E402
 
 DOC_FILES = ("README.md", "docs/how-it-works.md", "docs/deployment.md", "docs/continual-tuning.md")
 PIPELINE = REPO / "embedded" / "pipeline"

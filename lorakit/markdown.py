@@ -1,19 +1,25 @@
-"""Markdown tables, the one builder every report, card and docs page of lorakit uses.
+"""Markdown that lorakit writes: tables, and generated blocks re-rendered from result files.
 
     markdown_table(["setting", "value"], [["rank", 8], ["lr", None]])
     markdown_table(["case", "s/step"], rows, align=["---", "---:"])   # second column right-aligned
+    render_blocks(text, {"train-run": train_run})   # every <!-- generated:NAME --> body from its renderer
 
-Pure string work: no I/O, no third-party imports.
+Every table of the model card, the eval and bench reports and the docs is built by `markdown_table`. Pages with
+numbers (README.md, the docs/ pages) keep their prose as Markdown and each figure in a block
+`<!-- generated:NAME -->` ... `<!-- /generated:NAME -->`; `render_blocks` replaces only those bodies
+(`python docs/build.py --blocks` for every page). Pure string work: no I/O, no third-party imports.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 MISSING = "–"  # what an empty cell shows (None, an empty list)
 ALIGNMENT = re.compile(r":?-{3,}:?")
+BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated:(?P=name) -->)", re.DOTALL)
+OPENING = re.compile(r"<!-- generated:([\w-]+) -->")
 
 
 def table_cell(value: Any) -> str:
@@ -44,3 +50,26 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: 
 
 def _row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(table_cell(c) for c in cells) + " |"
+
+
+def block_names(text: str) -> list[str]:
+    """Names of the generated blocks in `text`, in order."""
+    return OPENING.findall(text)
+
+
+def render_blocks(text: str, renderers: Mapping[str, Callable[[], str]]) -> str:
+    """`text` with every generated block's body replaced by its renderer's output."""
+    opened = block_names(text)
+    closed = [m.group("name") for m in BLOCK.finditer(text)]
+    if opened != closed:
+        unclosed = sorted(set(opened) - set(closed))
+        raise ValueError(f"Generated block(s) without a matching closing marker: {unclosed}")
+    unknown = sorted(set(opened) - set(renderers))
+    if unknown:
+        raise ValueError(f"No renderer for generated block(s) {unknown}; known: {sorted(renderers)}")
+
+    def replace(match: re.Match) -> str:
+        body = renderers[match.group("name")]().strip("\n")
+        return f"{match.group(1)}{body}\n{match.group(4)}"
+
+    return BLOCK.sub(replace, text)

@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "docs"))
 
 from docgen import sources  # noqa: E402
-from docgen.markers import block_names, render_blocks  # noqa: E402
 from docgen.render import RENDERERS  # noqa: E402
+
+from lorakit.markdown import block_names  # noqa: E402
 
 
 def _load(name: str, path: Path):
@@ -72,16 +71,6 @@ def test_every_page_has_generated_numbers_and_every_renderer_is_used():
     used = {name for doc in DOCS for name in block_names(_text(doc))}
     assert all(block_names(_text(doc)) for doc in DOCS)
     assert used == set(RENDERERS), f"renderers never used: {set(RENDERERS) - used}"
-
-
-def test_render_blocks_replaces_only_the_body_and_rejects_broken_markers():
-    text = "intro 3\n<!-- generated:x -->\nold 1\n<!-- /generated:x -->\noutro\n"
-    expected = "intro 3\n<!-- generated:x -->\nnew 2\n<!-- /generated:x -->\noutro\n"
-    assert render_blocks(text, {"x": lambda: "new 2"}) == expected
-    with pytest.raises(ValueError, match="No renderer"):
-        render_blocks(text, {})
-    with pytest.raises(ValueError, match="closing marker"):
-        render_blocks("<!-- generated:x -->\nold\n", {"x": lambda: "new"})
 
 
 def test_measured_looking_numbers_appear_only_inside_generated_blocks():

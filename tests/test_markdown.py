@@ -1,10 +1,10 @@
-"""lorakit.markdown: the one Markdown table builder (escaping, empty cells, alignment, shape checks)."""
+"""lorakit.markdown: the one table builder (escaping, empty cells, alignment, shape checks) and generated blocks."""
 
 from __future__ import annotations
 
 import pytest
 
-from lorakit.markdown import markdown_table
+from lorakit.markdown import block_names, markdown_table, render_blocks
 
 
 def test_table_has_header_delimiter_and_rows():
@@ -39,3 +39,21 @@ def test_column_count_mismatch_raises():
 def test_rows_may_be_any_iterable_and_are_read_once():
     rows = ((str(i), i * i) for i in range(3))
     assert markdown_table(["n", "square"], rows).splitlines()[2:] == ["| 0 | 0 |", "| 1 | 1 |", "| 2 | 4 |"]
+
+
+def test_render_blocks_replaces_only_the_body_and_rejects_broken_markers():
+    text = "intro 3\n<!-- generated:x -->\nold 1\n<!-- /generated:x -->\noutro\n"
+    expected = "intro 3\n<!-- generated:x -->\nnew 2\n<!-- /generated:x -->\noutro\n"
+    assert render_blocks(text, {"x": lambda: "new 2"}) == expected
+    with pytest.raises(ValueError, match="No renderer"):
+        render_blocks(text, {})
+    with pytest.raises(ValueError, match="closing marker"):
+        render_blocks("<!-- generated:x -->\nold\n", {"x": lambda: "new"})
+    assert block_names(text + "<!-- generated:y -->\n\n<!-- /generated:y -->\n") == ["x", "y"]
+
+
+def test_an_empty_body_stays_stable():
+    """A renderer with nothing to say (a condition not met) leaves an empty block that renders the same again."""
+    once = render_blocks("<!-- generated:x -->\nold\n<!-- /generated:x -->\n", {"x": lambda: ""})
+    assert once == "<!-- generated:x -->\n\n<!-- /generated:x -->\n"
+    assert render_blocks(once, {"x": lambda: ""}) == once
