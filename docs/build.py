@@ -30,7 +30,13 @@ from docgen.render import RENDERERS  # noqa: E402
 
 from lorakit.markdown import render_blocks  # noqa: E402
 
-DOC_FILES = ("README.md", "docs/how-it-works.md", "docs/deployment.md", "docs/continual-tuning.md")
+DOC_FILES = (
+    "README.md",
+    "docs/how-it-works.md",
+    "docs/deployment.md",
+    "docs/continual-tuning.md",
+    "docs/benchmarks.md",
+)
 PIPELINE = REPO / "embedded" / "pipeline"
 ADAPTER = src.DEMO_ADAPTER
 HERO_PROMPTS = (

@@ -172,7 +172,16 @@ def test_python_snippets_run():
 
 
 def _shell_commands() -> list[list[str]]:
-    return [shlex.split(line) for _, body in _blocks("bash") for line in body.splitlines() if line.strip()]
+    """Each line of the bash blocks as words, without its comment and leading `NAME=value` assignments."""
+    commands = []
+    for _, body in _blocks("bash"):
+        for line in body.splitlines():
+            words = shlex.split(line, comments=True)
+            while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
+                words = words[1:]
+            if words:
+                commands.append(words)
+    return commands
 
 
 def test_shell_snippets_name_real_files_and_valid_flags():
@@ -195,6 +204,8 @@ def test_shell_snippets_name_real_files_and_valid_flags():
             eval_parser().parse_args(words[3:])
         elif words[:3] == ["python", "-m", "bench"]:
             bench_parser().parse_args(words[3:])
+        elif words[0] == "bash":
+            assert (REPO / words[1]).is_file(), words
         elif words[:3] == ["python", "-m", "pytest"]:
             assert words[3:] == ["-q"]
         elif words[0] == "python":

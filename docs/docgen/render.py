@@ -1,4 +1,8 @@
-"""Renderers of the generated blocks: each turns result files into Markdown, with no number typed by hand."""
+"""Renderers of the generated blocks: each turns result files into Markdown, with no number typed by hand.
+
+RENDERERS maps every block name of every page in docs/build.py's DOC_FILES to its renderer; the blocks of
+docs/benchmarks.md come from bench/report.py.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import report as bench_report
 from docgen import sources as src
 from lorakit.markdown import markdown_table
 
@@ -576,4 +581,6 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "continual-table": continual_table,
     "continual-setup": continual_setup,
     "continual-findings": continual_findings,
+    # docs/benchmarks.md: its renderers live beside the code that makes its results
+    **bench_report.block_renderers(),
 }
