@@ -104,6 +104,25 @@ def test_relative_links_resolve():
             assert (doc.parent / path).exists(), f"{doc.name}: {target} does not exist"
 
 
+def test_notes_are_dated_linked_from_the_docs_and_their_links_resolve():
+    """One-off experiments' figures live in dated notes pages (never regenerated) that a doc page links to."""
+    notes = sorted((REPO / "docs" / "notes").glob("*.md"))
+    assert notes
+    linked = {
+        (doc.parent / target.partition("#")[0]).resolve()
+        for doc in DOCS
+        for target in _links(doc)
+        if not urlparse(target).scheme
+    }
+    for note in notes:
+        assert re.fullmatch(r"\d{4}-\d{2}-[\w-]+\.md", note.name), note.name
+        assert note.resolve() in linked, f"no doc page links to {note.name}"
+        assert "not regenerated" in _text(note)
+        for target in _links(note):
+            if not urlparse(target).scheme:
+                assert (note.parent / target.partition("#")[0]).exists(), f"{note.name}: {target} does not exist"
+
+
 def test_external_links_are_well_formed_and_cite_the_sources():
     external = [t for doc in DOCS for t in _links(doc) if urlparse(t).scheme]
     for url in external:
@@ -188,6 +207,7 @@ def test_shell_snippets_name_real_files_and_valid_flags():
     """Every command in the docs' bash blocks parses with the real CLI and names files that exist."""
     sys.path.insert(0, str(REPO))
     from bench.__main__ import build_parser as bench_parser
+    from embedded.build import build_parser as embedded_build_parser
     from eval.cli import build_parser as eval_parser
     from lorakit.config import parse_args
 
@@ -204,6 +224,8 @@ def test_shell_snippets_name_real_files_and_valid_flags():
             eval_parser().parse_args(words[3:])
         elif words[:3] == ["python", "-m", "bench"]:
             bench_parser().parse_args(words[3:])
+        elif words[:3] == ["python", "-m", "embedded.build"]:
+            embedded_build_parser().parse_args(words[3:])
         elif words[0] == "bash":
             assert (REPO / words[1]).is_file(), words
         elif words[:3] == ["python", "-m", "pytest"]:

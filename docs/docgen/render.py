@@ -1,7 +1,7 @@
 """Renderers of the generated blocks: each turns result files into Markdown, with no number typed by hand.
 
 RENDERERS maps every block name of every page in docs/build.py's DOC_FILES to its renderer; the blocks of
-docs/benchmarks.md come from bench/report.py.
+docs/benchmarks.md and embedded/README.md come from bench/report.py and embedded/readme.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import yaml
 
 from bench import report as bench_report
 from docgen import sources as src
+from embedded import readme as embedded_readme
 from lorakit.markdown import markdown_table
 
 BYTES_PER_PARAM = (("fp32", 4), ("fp16 / bf16", 2), ("8-bit", 1))
@@ -581,6 +582,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "continual-table": continual_table,
     "continual-setup": continual_setup,
     "continual-findings": continual_findings,
-    # docs/benchmarks.md: its renderers live beside the code that makes its results
+    # docs/benchmarks.md and embedded/README.md: their renderers live beside the code that makes their results
     **bench_report.block_renderers(),
+    **embedded_readme.block_renderers(),
 }
