@@ -15,11 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from bench.machine import machine_info  # noqa: E402
+from bench.report import PAGE  # noqa: E402
 from bench.results_io import RESULTS_DIR, write_results  # noqa: E402
 
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "lorakit-bench"
 CPU_CASES = ["embedded", "embedded-workers", "jpeg-workers", "bk-sdm-tiny", "jpeg", "cache"]
-DOCS_FILE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
 def device_tag() -> str:
@@ -74,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=DEFAULT_WORK_DIR,
             help="Scratch space: reference model (2 GB, reused), data, runs.",
         )
-    report = commands.add_parser("report", help="Render docs/benchmarks.md from the result JSON files.")
+    report = commands.add_parser(
+        "report", help="Re-render the figures (generated blocks) of docs/benchmarks.md from the result JSON files."
+    )
     report.add_argument("--results", type=Path, default=RESULTS_DIR)
-    report.add_argument("--out", type=Path, default=DOCS_FILE)
+    report.add_argument(
+        "--out", type=Path, default=PAGE, help="Page to re-render in place (a new file starts as the committed page)."
+    )
     return parser
 
 

@@ -1,13 +1,22 @@
-"""`python -m bench report`: docs/benchmarks.md rendered from the result JSON files (no figure typed by hand)."""
+"""The figures of docs/benchmarks.md, rendered from the bench's result files (no figure typed by hand).
+
+The page's prose is Markdown in docs/benchmarks.md; its figures sit in the generated blocks named in
+`block_renderers`, registered with the docs' renderers, so `python docs/build.py --check/--blocks` covers them.
+`python -m bench report` (`write_report`) re-renders only this page's blocks.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from bench.results_io import read_results
+from bench.results_io import RESULTS_DIR, read_results
 from lorakit.atomic import atomic_write_text
+from lorakit.markdown import markdown_table, render_blocks
 from lorakit.paths import REPO_ROOT
 from lorakit.timing import PHASES
+
+PAGE = REPO_ROOT / "docs" / "benchmarks.md"
 
 PHASE_LABELS = {
     "data_wait": "data wait",
@@ -26,36 +35,6 @@ VARIANT_LABELS = {
     "float32": "LoRA unfused, fp32",
 }
 
-INTRO = """# Benchmarks
-
-Every figure on this page is rendered by `python -m bench report` from the JSON files in `bench/results/`;
-none is typed by hand. Comparisons are ratios measured within one bench run (one process, variants
-interleaved where it matters), so a busy machine shifts all of them alike.
-
-How to reproduce:
-
-```bash
-OMP_NUM_THREADS=1 python -m bench train      # CPU cases: embedded default, BK-SDM-Tiny, large JPEGs, --cache_latents
-OMP_NUM_THREADS=1 python -m bench generate   # the Space's code: schedulers, fused/unfused LoRA, precision, cold start
-bash bench/gpu.sh                            # on a CUDA machine: BK-SDM-Tiny 512 px bf16, batch 1/4/8, +-compile
-python -m bench report                       # re-render this page
-```
-
-`--short` runs a few steps of each case (CI runs it through `tests/test_bench.py`, so the bench cannot rot);
-the full mode is what produced the tables below. The CPU figures come from a small shared virtual machine:
-other jobs ran beside the bench, so each table states the 1-minute load average at the start and end of its
-run and the `OMP_NUM_THREADS` it used; read the ratios, not the absolute seconds. The CPU runs use one
-thread (`OMP_NUM_THREADS=1`): with other jobs on both cores, two threads ran slower than one.
-
-Step times drop the first step (lazy initialisation; three
-steps under `--compile`). *Start-up* is the time from calling `train()` to the first batch request (model
-loading, LoRA attachment, and with `--cache_latents` the encoding pass); *first step* is the first step's own duration.
-Phases are mean seconds per optimizer step as timed inside the trainer (`lorakit.timing.PhaseTimer`);
-*other* is the rest of the step (loss, noise, logging). Peak RSS is sampled over the process and its
-DataLoader workers; the cases run one after another in one process, so the summary also gives the RSS the
-process had before each case.
-"""
-
 
 def fmt(value, digits: int = 3) -> str:
     if value is None:
@@ -69,12 +48,6 @@ def fmt(value, digits: int = 3) -> str:
 
 def pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def machine_line(document: dict) -> str:
@@ -124,7 +97,7 @@ def train_table(cases: list[dict]) -> str:
                 fmt(c["peak_cuda_mib"], 5),
             ]
         )
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def case_notes(cases: list[dict]) -> str:
@@ -179,7 +152,9 @@ def cache_section(cases: list[dict], checks: dict) -> str:
     parts = [
         "### `--cache_latents` (BK-SDM-Tiny architecture, CPU)",
         "",
-        table(["run", "epoch", "s/step", "VAE enc.", "text enc.", "UNet fwd+bwd", "start-up s", "cache"], rows),
+        markdown_table(
+            ["run", "epoch", "s/step", "VAE enc.", "text enc.", "UNet fwd+bwd", "start-up s", "cache"], rows
+        ),
         "",
     ]
     cache = checks.get("cache_latents")
@@ -271,7 +246,7 @@ def generate_section(document: dict) -> str:
         f'{document["dtype"]}, guidance 7.5, prompt "{document["prompt"]}", median of {document["repeats"]} '
         "image(s) after one warm-up image each, through `space/app.py`'s own sampling code.",
         "",
-        table(["variant", "steps", "s/image", "vs Space default"], rows),
+        markdown_table(["variant", "steps", "s/image", "vs Space default"], rows),
         "",
         f"- Fused LoRA / base model: {r['fused_over_base']:.3f}x (within 5%: "
         f"{fmt(document['checks']['fused_within_5_percent_of_base'])}); fused with the LoRA wrappers unloaded: "
@@ -295,7 +270,8 @@ def generate_section(document: dict) -> str:
 
 
 def closing_note(documents: list[dict]) -> str:
-    lines = ["## Summary", ""]
+    """One line per training case and generation run (the page's Summary)."""
+    lines = []
     for d in documents:
         if d["kind"] == "train":
             for c in d["cases"]:
@@ -328,46 +304,52 @@ def closing_note(documents: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-LEVERS = """## Levers (trainer flags the bench measures)
-
-- Data loading: `--dataloader_num_workers N` decodes and resizes in N worker processes (off the main
-  process), `--dataloader_prefetch_factor` sets how many batches each worker prepares ahead,
-  `--persistent_workers` keeps them between epochs; memory is pinned automatically on CUDA.
-- `--cache_latents` (with `--latent_cache_dir`): the frozen VAE and text encoder run once per dataset; the
-  cache file is keyed by the dataset fingerprint, columns, model files, resolution and augmentation, so any
-  change writes a new file and a stale one is never read. It stores the VAE posterior's mean and
-  log-variance rather than one sample: each step still draws its own sample with the step's generator, so
-  the same seed gives the same losses as without the cache (the tables show it), and the sampling noise is kept.
-  Random crops and flips are frozen at their first draw when cached.
-- `--compile` (torch.compile of the UNet), `--allow_tf32` (Ampere and later), `--channels_last`,
-  `--gradient_checkpointing` (less activation memory for more compute), fused AdamW (automatic on CUDA),
-  `--mixed_precision bf16|fp16`.
-"""
-
-GPU_MISSING = """## GPU
-
-No GPU figures yet: the machine that rendered this page has none, and `bench/gpu.sh` has not been run. On a
-CUDA machine, `bash bench/gpu.sh` (prepared to finish in under 8 minutes on an H200: BK-SDM-Tiny
-architecture at 512 px in bf16, batch sizes 1, 4 and 8, with and without `--compile`, then generation at 25
-steps) writes `bench/results/train-gpu.json` and `bench/results/generate-gpu.json` and re-renders this page.
-"""
+def gpu_status(documents: list[dict]) -> str:
+    """Where the GPU figures are, or, while no GPU run is in the results, how to make them."""
+    gpu = [d["file"] for d in documents if d["machine"].get("gpu")]
+    if gpu:
+        return (
+            "The GPU figures are in the sections above, from " + ", ".join(f"`bench/results/{f}`" for f in gpu) + "."
+        )
+    return (
+        "No GPU figures yet: `bench/results/` holds no GPU run. On a CUDA machine, `bash bench/gpu.sh` (prepared to\n"
+        "finish in under 8 minutes on an H200: BK-SDM-Tiny architecture at 512 px in bf16, batch sizes 1, 4 and 8,\n"
+        "with and without `--compile`, then generation at 25 steps) writes `bench/results/train-gpu.json` and\n"
+        "`bench/results/generate-gpu.json` and re-renders this page."
+    )
 
 
-def render(documents: list[dict]) -> str:
-    """The whole page from the full-mode result documents."""
-    documents = [d for d in documents if d.get("mode") == "full"]
-    # Training before generation, CPU before GPU: the page reads from the trainer to the demo.
-    documents.sort(key=lambda d: (d["kind"] != "train", bool(d["machine"].get("gpu"))))
-    parts = [INTRO]
-    for d in documents:
-        parts.append(train_section(d) if d["kind"] == "train" else generate_section(d))
-    parts.append(LEVERS)
-    if not any(d["machine"].get("gpu") for d in documents):
-        parts.append(GPU_MISSING)
-    parts.append(closing_note(documents))
-    return "\n".join(parts)
+def sections(documents: list[dict]) -> str:
+    """A section per run, in the order of `full_documents`."""
+    if not documents:
+        return (
+            "_No full-mode bench results in `bench/results/` yet: run `python -m bench train` and "
+            "`python -m bench generate`, then `python -m bench report`._"
+        )
+    parts = [train_section(d) if d["kind"] == "train" else generate_section(d) for d in documents]
+    return "\n\n".join(part.strip("\n") for part in parts)
 
 
-def write_report(results: Path, out: Path) -> Path:
-    atomic_write_text(out, render(read_results(results)))
+def full_documents(results: Path = RESULTS_DIR) -> list[dict]:
+    """The full-mode result documents in `results` (short runs only check that the bench still runs).
+
+    Training before generation, CPU before GPU: the page reads from the trainer to the demo.
+    """
+    documents = [d for d in read_results(results) if d.get("mode") == "full"]
+    return sorted(documents, key=lambda d: (d["kind"] != "train", bool(d["machine"].get("gpu"))))
+
+
+def block_renderers(results: Path = RESULTS_DIR) -> dict[str, Callable[[], str]]:
+    """The renderers of docs/benchmarks.md's generated blocks, reading the result files in `results`."""
+    return {
+        "bench-sections": lambda: sections(full_documents(results)),
+        "bench-gpu": lambda: gpu_status(full_documents(results)),
+        "bench-summary": lambda: closing_note(full_documents(results)),
+    }
+
+
+def write_report(results: Path = RESULTS_DIR, out: Path = PAGE) -> Path:
+    """Re-render the generated blocks of `out` (starting from the committed page when `out` does not exist)."""
+    template = out if out.is_file() else PAGE
+    atomic_write_text(out, render_blocks(template.read_text(encoding="utf-8"), block_renderers(results)))
     return out

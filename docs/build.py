@@ -5,8 +5,9 @@
     python docs/build.py --check    # exit 1 if a number block differs from what the result files say (fast)
     python docs/build.py --blocks   # only re-render the number blocks from the result files (fast)
 
-Numbers come only from result files (docs/results/, bench/results/, embedded/demo_adapter/); images only from
-the embedded pipeline and its demo adapter. Run from anywhere; paths are resolved from the repository root.
+Numbers come only from result files (docs/results/, bench/results/, embedded/build_report.json,
+embedded/demo_adapter/); images only from the embedded pipeline and its demo adapter. Run from anywhere; paths
+are resolved from the repository root.
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import yaml  # noqa: E402
 from docgen import sources as src  # noqa: E402
-from docgen.markers import render_blocks  # noqa: E402
 from docgen.render import RENDERERS  # noqa: E402
 
-DOC_FILES = ("README.md", "docs/how-it-works.md", "docs/deployment.md", "docs/continual-tuning.md")
+from lorakit.markdown import render_blocks  # noqa: E402
+
+DOC_FILES = (
+    "README.md",
+    "docs/how-it-works.md",
+    "docs/deployment.md",
+    "docs/continual-tuning.md",
+    "docs/benchmarks.md",
+    "embedded/README.md",
+)
 PIPELINE = REPO / "embedded" / "pipeline"
 ADAPTER = src.DEMO_ADAPTER
 HERO_PROMPTS = (

@@ -3,8 +3,9 @@
 Steps: render the datasets and prompt files; train the CLIP judge and the VAE side by side (one thread
 each); encode latents and text once; pretrain the UNet on the base cache (two threads); save a stock
 diffusers pipeline; refine the judge's vision tower against its frozen text tower; measure the quality
-bars into build_report.json and render README.md from it. The judge's text tower is the pipeline's text
-encoder: one CLIP, whose text side is trained once.
+bars into build_report.json and write README.md: the committed page's prose with its figures rendered from
+that report (embedded/readme.py). The judge's text tower is the pipeline's text encoder: one CLIP, whose text
+side is trained once.
 """
 
 from __future__ import annotations
@@ -320,9 +321,9 @@ def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_CO
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m embedded.build`."""
+    parser = argparse.ArgumentParser(prog="python -m embedded.build", description=__doc__)
     parser.add_argument("--out", type=Path, default=EMBEDDED_DIR, help="where to write (default: embedded/)")
     parser.add_argument("--smoke", action="store_true", help="a few steps on tiny data, for tests")
     parser.add_argument("--seed", type=int, default=0)
@@ -331,7 +332,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(
             f"--{name}", type=int, default=None, help=f"override {name} (default {getattr(BuildSizes(), name)})"
         )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
     overrides = {
         k: getattr(args, k) for k in ("clip_steps", "unet_steps", "unet_batch") if getattr(args, k) is not None
     }

@@ -32,13 +32,13 @@ TEXT_LENGTH = 16  # world captions are < 12 tokens; the text tower is causal, so
 POOL_SEED_OFFSET = 101  # the first stage's render pool; refine_judge renders the very same pool again
 # the pair the first-stage judge confused most (a lumpy blob read as a circle), rendered afresh for refine_judge
 CONFUSABLE_SHAPES = ("circle", world.DISTRACTOR_SHAPE)
-# The random draw of forget_words. How much purple the base still draws depends on the draw: over 8 draws, the
-# committed UNet scored 0.10 to 0.33 on purple prompts (144 images at sampling seeds 100-102, not the seeds of
-# build_report.json). This one scored 0.125 there, and its one-epoch LoRA was measured before it was adopted.
+# The random draw of forget_words. How much purple the base still draws depends on the draw: this one was chosen
+# by a one-off screen of 8 draws on other sampling seeds than build_report.json's, and its one-epoch LoRA was
+# measured before it was adopted (figures in docs/notes/2026-12-embedded-experiments.md).
 FORGET_SEED_OFFSET = 1234
-# The redrawn embedding's norm over the known colour words' mean norm. One-off runs on the earlier build
-# (embedded/README.md): purple before any LoRA 0.222 at 1x, 0.139 at 3x; at 3x the token dominates its
-# residual stream, so its position reads as "unknown" rather than as a faint known colour.
+# The redrawn embedding's norm over the known colour words' mean norm. At 3x the token dominates its residual
+# stream, so its position reads as "unknown" rather than as a faint known colour (one-off runs at 1x and 3x on the
+# earlier build: docs/notes/2026-12-embedded-experiments.md).
 FORGET_NORM_RATIO = 3.0
 
 

@@ -8,54 +8,56 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from lorakit import markdown as md
 from lorakit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorakit.filenames import EVAL_GRID_FILE, EVAL_REPORT_FILE, EVAL_RESULTS_FILE
 
 METRICS = (("clip_score", "CLIP score"), ("r_precision_top1", "R-precision@1"), ("mean_rank", "mean rank"))
+PARAMETER_ROWS = (
+    ("text_encoder", "text encoder"),
+    ("unet", "UNet"),
+    ("vae_encoder", "VAE encoder"),
+    ("vae_decoder", "VAE decoder"),
+    ("vae", "VAE total"),
+    ("pipeline", "whole pipeline"),
+    ("lora", "LoRA adapter (all)"),
+    ("lora_unet", "LoRA on the UNet"),
+    ("lora_text_encoder", "LoRA on the text encoder"),
+)
 
 
 def markdown_table(results: dict) -> str:
     """The results as Markdown: one row per prompt set, base and adapter side by side, then sizes and speed."""
-    lines = [
-        f"Base `{results['base']}` against base + LoRA `{results['lora']}`, judged by CLIP `{results['clip_model']}` "
-        f"({results['num_candidates']} candidate prompts for R-precision; mean rank 1 is best).",
-        "",
-        "| prompt set | prompts | images | " + "".join(f"{label} base | {label} LoRA | " for _, label in METRICS),
-        "|---|---:|---:|" + "---:|---:|" * len(METRICS),
+    header = [
+        "prompt set",
+        "prompts",
+        "images",
+        *(f"{label} {side}" for _, label in METRICS for side in ("base", "LoRA")),
     ]
+    rows = []
     for row in results["prompt_sets"]:
         cells = [row["name"], str(row["num_prompts"]), str(row["num_images"])]
         for key, _ in METRICS:
             cells += [f"{row['base'][key]:.3f}", f"{row['adapter'][key]:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    params, timing = results["parameters"], results["timing"]
-    lines += [
-        "",
-        "| component | parameters |",
-        "|---|---:|",
-        *(
-            f"| {name} | {params[key]:,} |"
-            for key, name in (
-                ("text_encoder", "text encoder"),
-                ("unet", "UNet"),
-                ("vae_encoder", "VAE encoder"),
-                ("vae_decoder", "VAE decoder"),
-                ("vae", "VAE total"),
-                ("pipeline", "whole pipeline"),
-                ("lora", "LoRA adapter (all)"),
-                ("lora_unet", "LoRA on the UNet"),
-                ("lora_text_encoder", "LoRA on the text encoder"),
-            )
-        ),
-        f"| UNet LoRA as a share of the UNet | {100 * params['lora_share_of_unet']:.3f} % |",
-        f"| adapter file size | {params['adapter_file_bytes']:,} bytes |",
-        "",
-        f"Seconds per image ({results['settings']['device']}, {results['settings']['num_inference_steps']} steps, "
-        f"guidance {results['settings']['guidance_scale']}, {results['settings']['height']}x"
-        f"{results['settings']['width']} px): base {timing['base_seconds_per_image']:.3f}, "
-        f"base + LoRA {timing['adapter_seconds_per_image']:.3f}.",
+        rows.append(cells)
+    params, timing, settings = results["parameters"], results["timing"], results["settings"]
+    sizes = [[name, f"{params[key]:,}"] for key, name in PARAMETER_ROWS]
+    sizes += [
+        ["UNet LoRA as a share of the UNet", f"{100 * params['lora_share_of_unet']:.3f} %"],
+        ["adapter file size", f"{params['adapter_file_bytes']:,} bytes"],
     ]
-    return "\n".join(lines) + "\n"
+    intro = (
+        f"Base `{results['base']}` against base + LoRA `{results['lora']}`, judged by CLIP `{results['clip_model']}` "
+        f"({results['num_candidates']} candidate prompts for R-precision; mean rank 1 is best)."
+    )
+    speed = (
+        f"Seconds per image ({settings['device']}, {settings['num_inference_steps']} steps, guidance "
+        f"{settings['guidance_scale']}, {settings['height']}x{settings['width']} px): base "
+        f"{timing['base_seconds_per_image']:.3f}, base + LoRA {timing['adapter_seconds_per_image']:.3f}."
+    )
+    scores = md.markdown_table(header, rows, align=["---", *["---:"] * (len(header) - 1)])
+    parameters = md.markdown_table(["component", "parameters"], sizes, align=["---", "---:"])
+    return f"{intro}\n\n{scores}\n\n{parameters}\n\n{speed}\n"
 
 
 def _label(text: str, width: int, height: int = 14) -> Image.Image:

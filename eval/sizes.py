@@ -8,6 +8,7 @@ from eval.models import hub_offline
 from eval.prompts import EvalInputError
 from lorakit.atomic import atomic_write_json
 from lorakit.lora import DEFAULT_UNET_TARGET_MODULES
+from lorakit.markdown import markdown_table
 from lorakit.params import lora_parameter_count, meta_models_from_configs, pipeline_parameter_counts
 
 SIZES_JSON = "param_counts.json"
@@ -50,9 +51,8 @@ def sizes_markdown(sizes: dict) -> str:
         (f"LoRA rank {rank} on {', '.join(sizes['lora_target_modules'])}", f"{value:,}")
         for rank, value in sizes["lora_by_rank"].items()
     ]
-    lines = [f"Parameters of `{sizes['base']}` (from configs, no weights loaded)", "", "| component | parameters |"]
-    lines += ["|---|---:|", *(f"| {name} | {value} |" for name, value in rows)]
-    return "\n".join(lines) + "\n"
+    table = markdown_table(["component", "parameters"], rows, align=["---", "---:"])
+    return f"Parameters of `{sizes['base']}` (from configs, no weights loaded)\n\n{table}\n"
 
 
 def write_sizes(sizes: dict, output_dir: str | Path) -> Path:

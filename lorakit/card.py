@@ -34,6 +34,7 @@ from lorakit.filenames import (
     VALIDATION_GRID_FILE,
 )
 from lorakit.hub_token import redact_secrets
+from lorakit.markdown import markdown_table
 from lorakit.outputs import plot_loss_curve
 from lorakit.summary import TrainSummary, read_summary
 
@@ -101,20 +102,6 @@ def human_size(num_bytes: int) -> str:
         return f"{num_bytes} B"
     exponent = min(3, (num_bytes.bit_length() - 1) // 10)
     return f"{num_bytes / 1024**exponent:.1f} {('B', 'KiB', 'MiB', 'GiB')[exponent]}"
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, (list, tuple)):
-        value = ", ".join(str(v) for v in value) if value else "–"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def hyperparameter_rows(config: dict) -> list[tuple[str, Any]]:
@@ -285,14 +272,14 @@ def render_model_card(
         ),
         "learned_words": learned_words,
         "kohya_file": KOHYA_FILE if (output_dir / KOHYA_FILE).is_file() else None,
-        "hyperparameter_table": _table(("Setting", "Value"), hyperparameter_rows(config)),
-        "results_table": _table(("Result", "Value"), results_rows),
+        "hyperparameter_table": markdown_table(("Setting", "Value"), hyperparameter_rows(config)),
+        "results_table": markdown_table(("Result", "Value"), results_rows),
         "loss_curve": LOSS_CURVE_FILE if (output_dir / LOSS_CURVE_FILE).is_file() else None,
         "validation": validation,
         "validation_grid": VALIDATION_GRID_FILE if (output_dir / VALIDATION_GRID_FILE).is_file() else None,
-        "validation_table": _table(("Prompt", "Image"), [(v.prompt, f"![]({v.image})") for v in validation]),
+        "validation_table": markdown_table(("Prompt", "Image"), [(v.prompt, f"![]({v.image})") for v in validation]),
         "eval_metrics": metrics,
-        "eval_metrics_table": _table(
+        "eval_metrics_table": markdown_table(
             ("Metric", "Dataset", "Value"),
             [(m.get("metric_name") or m["metric_type"], m["dataset_name"], m["value"]) for m in metrics],
         ),

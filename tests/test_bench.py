@@ -8,11 +8,12 @@ import math
 import pytest
 
 from bench.__main__ import main as bench_main
-from bench.report import fmt, render
+from bench.report import PAGE, block_renderers, fmt
 from bench.results_io import RESULTS_DIR, read_results
 from bench.timer import StepStampTimer
 from bench.train import gpu_cases, make_cases, run_train_bench
 from lorakit.config import parse_args
+from lorakit.markdown import block_names, render_blocks
 from lorakit.paths import REPO_ROOT
 from lorakit.timing import PHASES
 
@@ -48,6 +49,7 @@ def by_name(document: dict) -> dict[str, dict]:
     return {case["name"]: case for case in document["cases"]}
 
 
+@pytest.mark.slow
 def test_every_case_reports_consistent_figures(short_train):
     assert {"bk-sdm-tiny-64px", "jpeg-1024-to-64px", "cache-off", "cache-on", "cache-sweep-lr2e-4"} <= set(
         by_name(short_train)
@@ -67,12 +69,14 @@ def test_every_case_reports_consistent_figures(short_train):
     assert short_train["mode"] == "short"
 
 
+@pytest.mark.slow
 def test_uncached_steps_spend_time_in_vae_and_text_encoder(short_train):
     off = by_name(short_train)["cache-off"]
     for epoch in off["epochs"]:
         assert epoch["phases_s"]["vae_encoding"] > 0 and epoch["phases_s"]["text_encoding"] > 0
 
 
+@pytest.mark.slow
 def test_cache_latents_second_epoch_skips_the_encoders_with_the_same_losses(short_train):
     cases, cache = by_name(short_train), short_train["checks"]["cache_latents"]
     second = cases["cache-on"]["epochs"][-1]
@@ -84,6 +88,7 @@ def test_cache_latents_second_epoch_skips_the_encoders_with_the_same_losses(shor
     assert cases["cache-on"]["loss_history"] != cases["cache-sweep-lr2e-4"]["loss_history"]  # the lr did change
 
 
+@pytest.mark.slow
 def test_second_run_of_a_sweep_reuses_the_cache(short_train):
     cases, cache = by_name(short_train), short_train["checks"]["cache_latents"]
     assert cache["first_cached_run_encoded"] and cases["cache-on"]["cache"]["files_after"] == 1
@@ -91,6 +96,7 @@ def test_second_run_of_a_sweep_reuses_the_cache(short_train):
     assert cases["cache-sweep-lr2e-4"]["cache"] == {"files_before": 1, "files_after": 1, "hit": True}
 
 
+@pytest.mark.slow
 def test_embedded_default_and_jpeg_cases_report_the_data_wait_share(tmp_path):
     # The < 5% / < 10% goals are figures of the full bench (docs/benchmarks.md), not timed assertions:
     # a timed test on a shared 2-core machine would be flaky. Here: the cases run and report the share.
@@ -122,25 +128,47 @@ def test_gpu_script_cases_are_flags_the_trainer_accepts(tiny_pipeline_dir, tmp_p
     assert "--cases gpu" in script and "--steps 25" in script and "bench report" in script
 
 
-def test_report_renders_every_case_and_the_machine(short_train):
-    document = {**short_train, "mode": "full"}
-    page = render([document])
+@pytest.mark.slow
+def test_report_renders_every_case_and_the_machine(short_train, tmp_path):
+    """`python -m bench report` re-renders the page's figures from a results folder; short runs never reach it."""
+    results, page = tmp_path / "results", tmp_path / "benchmarks.md"
+    results.mkdir()
+    (results / "train-cpu.json").write_text(json.dumps({**short_train, "mode": "full"}))
+    assert bench_main(["report", "--results", str(results), "--out", str(page)]) == 0
+    text = page.read_text()
     machine = short_train["machine"]
-    assert machine["cpu"] in page and f"torch {machine['torch']}" in page and f"{machine['cores']} cores" in page
+    assert machine["cpu"] in text and f"torch {machine['torch']}" in text and f"{machine['cores']} cores" in text
     for case in short_train["cases"]:
-        assert f"`{case['name']}`" in page
+        assert f"`{case['name']}`" in text
     step = fmt(by_name(short_train)["bk-sdm-tiny-64px"]["step_s"])
-    assert f"| {step} |" in page
-    assert "No GPU figures yet" in page
-    assert render([short_train]).count("## Training") == 0  # short runs never reach the docs
+    assert f"| {step} |" in text
+    assert "No GPU figures yet" in text
+    assert "## Levers" in text  # the page's prose, kept from the committed page
+    (results / "train-cpu.json").write_text(json.dumps(short_train))
+    assert bench_main(["report", "--results", str(results), "--out", str(page)]) == 0
+    assert "## Training" not in page.read_text()  # short runs never reach the docs
+
+
+@pytest.mark.slow
+def test_gpu_results_replace_the_missing_gpu_note(short_train, tmp_path):
+    gpu = {**short_train, "mode": "full", "machine": {**short_train["machine"], "gpu": "H200", "cuda": "12.8"}}
+    (tmp_path / "train-gpu.json").write_text(json.dumps(gpu))
+    renderers = block_renderers(tmp_path)
+    assert "## Training (GPU)" in renderers["bench-sections"]()
+    assert "`bench/results/train-gpu.json`" in renderers["bench-gpu"]()
+    assert "No GPU figures yet" not in renderers["bench-gpu"]()
 
 
 def test_docs_are_rendered_from_the_committed_results():
     documents = read_results(RESULTS_DIR)
     assert any(d["kind"] == "train" and d["mode"] == "full" for d in documents)
-    assert (REPO_ROOT / "docs" / "benchmarks.md").read_text() == render(documents), "run `python -m bench report`"
+    text = PAGE.read_text()
+    renderers = block_renderers()
+    assert block_names(text) == list(renderers)
+    assert render_blocks(text, renderers) == text, "run `python -m bench report`"
 
 
+@pytest.mark.slow
 def test_generate_short_uses_the_space_code_and_measures_cold_start(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "generate.json"
     assert (

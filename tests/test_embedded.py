@@ -15,6 +15,7 @@ from embedded import readme, world
 from embedded.build import main as build_main
 from embedded.measure import candidate_captions, to_uint8
 from embedded.train_clip import FORGET_NORM_RATIO, forget_words, refine_judge, train_clip
+from lorakit.markdown import block_names, render_blocks
 from lorakit.metrics import clip_r_precision
 from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS
 
@@ -38,6 +39,7 @@ def test_world_is_deterministic_and_keeps_heldout_out_of_base():
     assert all(c.colour not in world.BASE_COLOURS for c in world.adapter_concepts())
 
 
+@pytest.mark.slow
 def test_smoke_rebuild_writes_every_artifact(tmp_path):
     build_main(["--smoke", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "build_report.json").read_text())
@@ -58,6 +60,7 @@ def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_refining_the_judge_trains_its_vision_tower_only(tmp_path):
     train_clip(tmp_path / "clip", steps=2, pool_size=144)
     log = refine_judge(tmp_path / "clip", tmp_path / "judge", steps=2, pool_size=144, confusable_size=24)
@@ -132,19 +135,38 @@ def test_committed_clip_ranks_its_own_caption_first():
 
 
 def test_committed_readme_shows_the_committed_figures():
-    """embedded/README.md is rendered from build_report.json and the demo adapter's eval, never typed by hand."""
-    text = readme.readme_text()
-    assert (readme.EMBEDDED_DIR / "README.md").read_text() == text
+    """embedded/README.md's figures are rendered from build_report.json and the demo adapter's eval, never typed."""
+    text = readme.PAGE.read_text()
+    renderers = readme.block_renderers()
+    assert block_names(text) == list(renderers)  # every renderer used once, in page order
+    assert render_blocks(text, renderers) == text
     eval_results = json.loads(readme.LORA_EVAL.read_text())
     adapter = next(s for s in eval_results["prompt_sets"] if s["name"] == "adapter")
     assert f"| {adapter['num_images']} | {adapter['adapter']['r_precision_top1']:.3f} | >= 0.60 |" in text
+    report = readme.read_report()
+    assert f"| `data/base/` | {report['data']['base_rows']} rows |" in text
+    assert f"{report['params']['unet']:,}" in text
+
+
+def test_readme_of_another_build_renders_its_own_report(tmp_path):
+    """A build elsewhere gets the committed page's prose with its own figures, and no claim about the demo adapter."""
+    report = readme.read_report()
+    report["command"] = "python -m embedded.build --out elsewhere"
+    report["data"]["base_rows"] = 7
+    (tmp_path / "build_report.json").write_text(json.dumps(report))
+    readme.render(tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert "`python -m embedded.build --out elsewhere`" in text and "| `data/base/` | 7 rows |" in text
+    assert "Not measured for this build" in text and ">= 0.60" not in text
+    assert text.split("<!--")[0] == readme.PAGE.read_text().split("<!--")[0]  # same prose
 
 
 @pytest.mark.parametrize("adapter_before,shows_gap", [(0.10, False), (0.625, True)])
 def test_readme_explains_the_adapter_gap_only_while_the_bar_is_missed(adapter_before, shows_gap):
-    report = json.loads((readme.EMBEDDED_DIR / "build_report.json").read_text())
+    report = readme.read_report()
     report["quality"]["base_pipeline_r_precision"]["adapter"]["top1"] = adapter_before
-    assert ("Known gap" in readme.compose_readme(report)) is shows_gap
+    assert ("Known gap" in readme.known_gap(report)) is shows_gap
+    assert (readme.known_gap(report) == "") is not shows_gap
 
 
 def test_forget_words_redraws_only_the_word_orthogonal_to_the_known_words_at_the_norm_ratio():

@@ -1,1 +1,1 @@
-"""Helpers of the docs generator (`python docs/build.py`): marker blocks, figures, result files, links."""
+"""Helpers of the docs generator (`python docs/build.py`): renderers, figures, result files."""

@@ -1,4 +1,8 @@
-"""Renderers of the generated blocks: each turns result files into Markdown, with no number typed by hand."""
+"""Renderers of the generated blocks: each turns result files into Markdown, with no number typed by hand.
+
+RENDERERS maps every block name of every page in docs/build.py's DOC_FILES to its renderer; the blocks of
+docs/benchmarks.md and embedded/README.md come from bench/report.py and embedded/readme.py.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from bench import report as bench_report
 from docgen import sources as src
+from embedded import readme as embedded_readme
+from lorakit.markdown import markdown_table
 
 BYTES_PER_PARAM = (("fp32", 4), ("fp16 / bf16", 2), ("8-bit", 1))
 COMPONENTS = (
@@ -37,9 +44,9 @@ def _lr(value: float) -> str:
     return f"{value:.0e}".replace("e-0", "e-")
 
 
-def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    align = align or "|---" + "|---:" * (len(header) - 1) + "|"
-    return "\n".join(["| " + " | ".join(header) + " |", align, *("| " + " | ".join(r) + " |" for r in rows)])
+def _table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
+    """A figures table: the first column left-aligned, the others right-aligned unless `align` says otherwise."""
+    return markdown_table(header, rows, align or ["---", *["---:"] * (len(header) - 1)])
 
 
 # --- evaluation -------------------------------------------------------------------------------------------
@@ -120,12 +127,12 @@ def model_sizes() -> str:
             share = sizes["lora_share_of_unet_by_rank"].get(rank)
             cells.append("-" if count is None else f"{_n(count)} ({100 * share:.2f} % of the UNet)")
         rows.append([f"LoRA rank {rank} on {', '.join(bk['lora_target_modules'])}", *cells])
-    summary = src.read_json(src.TRAIN_SUMMARY)
+    summary = src.demo_summary()
     note = ""
     if summary:
         note = (
-            f"\n\nThe committed demo adapter holds {_n(summary['lora_trainable_parameters'])} trainable parameters "
-            f"in a {_mb(summary['adapter_file_bytes'])} file (`embedded/demo_adapter/train_summary.json`)."
+            f"\n\nThe committed demo adapter holds {_n(summary.lora_trainable_parameters)} trainable parameters "
+            f"in a {_mb(summary.adapter_file_bytes)} file (`{src.relative(src.TRAIN_SUMMARY)}`)."
         )
     return (
         _table(["component", "embedded shapes model", "BK-SDM-Tiny"], rows)
@@ -178,7 +185,7 @@ def device_fit() -> str:
         _table(
             ["device", "platform", "RAM", *(f"weights {label}" for label, _ in BYTES_PER_PARAM)],
             rows,
-            align="|---|---|---:|---|---|---|",
+            align=["---", "---", "---:", "---", "---", "---"],
         )
         + f"\n\nBudget: {share:.0%} of the device's RAM for the model's weights (the rest is the OS, the app and "
         f"the activations while generating). BK-SDM-Tiny has {_n(total)} parameters in all. RAM figures and the "
@@ -219,7 +226,7 @@ def datasets_block() -> str:
                     naruto["license_note"],
                 ],
             ],
-            align="|---|---:|---|---|",
+            align=["---", "---:", "---", "---"],
         )
         + f"\n\nNaruto figures: {naruto['source']} (`docs/results/facts.json`)."
     )
@@ -227,7 +234,7 @@ def datasets_block() -> str:
 
 def train_run() -> str:
     """What the embedded default run did (README, how-it-works)."""
-    summary = src.read_json(src.TRAIN_SUMMARY)
+    summary = src.demo_summary()
     if summary is None:
         run = default_run()
         if run is None:
@@ -238,11 +245,11 @@ def train_run() -> str:
             f"(`{run['source']}`)."
         )
     return (
-        f"The committed demo adapter (`embedded/demo_adapter/`) saw {_n(summary['num_samples'])} images in "
-        f"{summary['global_step']} optimizer steps ({summary['num_train_epochs']} epoch) and trained in "
-        f"{summary['train_seconds']:.0f} s on a shared CPU; final loss {summary['final_loss']:.3f}, "
-        f"{_n(summary['lora_trainable_parameters'])} trainable LoRA parameters, adapter file "
-        f"{_mb(summary['adapter_file_bytes'])}. Source: `embedded/demo_adapter/train_summary.json`."
+        f"The committed demo adapter (`embedded/demo_adapter/`) saw {_n(summary.num_samples)} images in "
+        f"{summary.global_step} optimizer steps ({summary.num_train_epochs} epoch) and trained in "
+        f"{summary.train_seconds:.0f} s on a shared CPU; final loss {summary.final_loss:.3f}, "
+        f"{_n(summary.lora_trainable_parameters)} trainable LoRA parameters, adapter file "
+        f"{_mb(summary.adapter_file_bytes)}. Source: `{src.relative(src.TRAIN_SUMMARY)}`."
     )
 
 
@@ -273,7 +280,7 @@ def naruto_preset() -> str:
         ["validation prompts", "; ".join(f'"{v}"' for v in p["validation"]["validation_prompt"])],
         ["output", f"`{p['output']['output_dir']}/`"],
     ]
-    return _table(["setting", "value"], rows, align="|---|---|")
+    return _table(["setting", "value"], rows, align=["---", "---"])
 
 
 def python_version() -> str:
@@ -286,10 +293,10 @@ def python_version() -> str:
 
 def default_run() -> dict | None:
     """One epoch of the default preset: the demo adapter's run, else the continual experiment's first stage."""
-    summary = src.read_json(src.TRAIN_SUMMARY)
+    summary = src.demo_summary()
     if summary is not None:
         return {
-            **summary,
+            **summary.to_dict(),
             "what": "the run that made the committed demo adapter",
             "source": src.relative(src.TRAIN_SUMMARY),
         }
@@ -575,4 +582,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "continual-table": continual_table,
     "continual-setup": continual_setup,
     "continual-findings": continual_findings,
+    # docs/benchmarks.md and embedded/README.md: their renderers live beside the code that makes their results
+    **bench_report.block_renderers(),
+    **embedded_readme.block_renderers(),
 }

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorakit.filenames import SUMMARY_FILE
+from lorakit.summary import TrainSummary, read_summary
+
 REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 RESULTS = DOCS / "results"
@@ -17,7 +20,7 @@ SIZES_BK_SDM = RESULTS / "param_counts_bk_sdm_tiny.json"
 CONTINUAL_JSON = RESULTS / "continual.json"
 FACTS_JSON = RESULTS / "facts.json"
 DEMO_ADAPTER = REPO / "embedded" / "demo_adapter"
-TRAIN_SUMMARY = DEMO_ADAPTER / "train_summary.json"
+TRAIN_SUMMARY = DEMO_ADAPTER / SUMMARY_FILE
 BUILD_REPORT = REPO / "embedded" / "build_report.json"
 BENCH_RESULTS = REPO / "bench" / "results"
 
@@ -29,6 +32,11 @@ EVAL_COMMAND = (
 CONTINUAL_COMMAND = "python docs/continual_experiment.py"
 BENCH_CPU_COMMANDS = "python -m bench train && python -m bench generate"
 BENCH_GPU_COMMAND = "bash bench/gpu.sh"
+
+
+def demo_summary() -> TrainSummary | None:
+    """The committed demo adapter's run summary, or None when it has not been trained yet."""
+    return read_summary(DEMO_ADAPTER) if TRAIN_SUMMARY.is_file() else None
 
 
 def read_json(path: Path) -> dict | None:
