@@ -353,6 +353,22 @@ def test_requirements_cover_runtime_without_cpu_pins():
     assert not any("+cpu" in line or "download.pytorch.org" in line or "==" in line for line in lines)
 
 
+def _requirements(path: Path) -> dict[str, str]:
+    """{package: version specifier} of a requirements file (comments, options and -r lines left out)."""
+    from packaging.requirements import Requirement
+
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    found = [Requirement(line) for line in lines if line and not line.startswith("-")]
+    return {requirement.name.lower(): str(requirement.specifier) for requirement in found}
+
+
+def test_space_requirements_use_the_root_bounds():
+    space, root = _requirements(SPACE_DIR / "requirements.txt"), _requirements(REPO_ROOT / "requirements.txt")
+    shared = sorted(set(space) & set(root))
+    assert {"torch", "diffusers", "transformers", "peft"} <= set(shared)
+    assert {name: space[name] for name in shared} == {name: root[name] for name in shared}
+
+
 def test_readme_front_matter_describes_the_space():
     text = (SPACE_DIR / "README.md").read_text()
     meta = yaml.safe_load(text.split("---")[1])
