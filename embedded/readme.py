@@ -17,14 +17,14 @@ from pathlib import Path
 
 from embedded import world
 from lorakit.atomic import atomic_write_text
-from lorakit.filenames import SUMMARY_FILE
+from lorakit.filenames import EVAL_RESULTS_FILE, SUMMARY_FILE
 from lorakit.markdown import markdown_table, render_blocks
 from lorakit.paths import EMBEDDED_DEMO_ADAPTER, EMBEDDED_DIR, REPO_ROOT
 from lorakit.summary import TrainSummary, read_summary
 
 PAGE = EMBEDDED_DIR / "README.md"
 # the demo adapter's evaluation, written by docs/build.py --rerun (python -m eval ... --output_dir docs/results/eval)
-LORA_EVAL = REPO_ROOT / "docs" / "results" / "eval" / "eval_results.json"
+LORA_EVAL = REPO_ROOT / "docs" / "results" / "eval" / EVAL_RESULTS_FILE
 DEMO_SUMMARY = EMBEDDED_DEMO_ADAPTER / SUMMARY_FILE
 
 JUDGE_BAR = ">= 0.95"

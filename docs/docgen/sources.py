@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorakit.filenames import SUMMARY_FILE
+from lorakit.filenames import EVAL_RESULTS_FILE, SUMMARY_FILE
 from lorakit.summary import TrainSummary, read_summary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -14,7 +14,7 @@ RESULTS = DOCS / "results"
 IMAGES = DOCS / "images"
 
 EVAL_DIR = RESULTS / "eval"
-EVAL_JSON = EVAL_DIR / "eval_results.json"
+EVAL_JSON = EVAL_DIR / EVAL_RESULTS_FILE
 SIZES_EMBEDDED = RESULTS / "param_counts_embedded.json"
 SIZES_BK_SDM = RESULTS / "param_counts_bk_sdm_tiny.json"
 CONTINUAL_JSON = RESULTS / "continual.json"
