@@ -22,6 +22,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from lorakit.atomic import atomic_write_json, atomic_write_text
+from lorakit.compat import PIPELINE_DTYPE_KWARG
 from lorakit.filenames import (
     ADAPTER_FILE,
     EVAL_RESULTS_FILE,
@@ -127,6 +128,7 @@ def usage_snippet(
     """A Python snippet that loads the base pipeline and this adapter (and its learned words), makes one image."""
     # json.dumps gives double-quoted literals that are valid Python for any string.
     q = json.dumps
+    dtype_kwarg = PIPELINE_DTYPE_KWARG  # the name the installed diffusers takes without a deprecation warning
     extra = "".join(f", {name}={q(value)}" for name, value in (("revision", revision), ("variant", variant)) if value)
     return "\n".join(
         [
@@ -135,7 +137,7 @@ def usage_snippet(
             "",
             'device = "cuda" if torch.cuda.is_available() else "cpu"',
             'dtype = torch.float16 if device == "cuda" else torch.float32',
-            f"pipe = StableDiffusionPipeline.from_pretrained({q(base_model)}, torch_dtype=dtype{extra}).to(device)",
+            f"pipe = StableDiffusionPipeline.from_pretrained({q(base_model)}, {dtype_kwarg}=dtype{extra}).to(device)",
             f"pipe.load_lora_weights({q(adapter)})",
             *(_learned_words_lines(adapter) if learned_words else []),
             "generator = torch.Generator(device).manual_seed(0)",
