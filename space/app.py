@@ -332,7 +332,10 @@ def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: s
         )
         compare = gr.Checkbox(label="Compare with base model (same seed, side by side)", value=False)
         with gr.Accordion("Advanced", open=False):
-            negative_prompt = gr.Textbox(label="Negative prompt", placeholder="what the image should not show")
+            # A value (even empty) is the API's default: `Client(url).predict("a prompt", api_name="/generate")` works.
+            negative_prompt = gr.Textbox(
+                label="Negative prompt", value="", placeholder="what the image should not show"
+            )
             with gr.Row():
                 # No minimum/maximum here: validate_inputs gives a message that names the seed and its range.
                 seed = gr.Number(label="Seed", value=0, precision=None)

@@ -128,6 +128,18 @@ def test_client_prediction_returns_image_file_matching_generate(client, models):
     assert np.abs(pixels(served) - pixels(local[0])).mean() < 1.0
 
 
+def test_every_api_parameter_has_a_default_by_position_and_by_keyword(client):
+    """A gradio_client user gives the prompt alone, as the README's one-liner does."""
+    for call in (
+        lambda: client.predict("a purple star on a white background", api_name="/generate"),
+        lambda: client.predict(prompt="a purple star on a white background", api_name="/generate"),
+    ):
+        image_path, gallery, seed_used, info = call()
+        assert Image.open(image_path).size[0] > 0 and gallery == [] and f"{seed_used}" in info
+    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in parameters if not p["parameter_has_default"]] == ["prompt"]
+
+
 def test_compare_returns_base_and_adapter_images(client):
     image_path, gallery, _, _ = predict(client, "a blue square", seed=4, compare=True)
     assert len(gallery) == 2
