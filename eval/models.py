@@ -13,7 +13,7 @@ from lorakit.compat import PIPELINE_DTYPE_KWARG
 from lorakit.config import ConfigError
 from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
 from lorakit.hub import fetch_optional_file
-from lorakit.token_embeddings import apply_learned_embeds, read_learned_embeds
+from lorakit.token_embeddings import load_learned_words
 
 # LoRA down/up weight names across the diffusers, peft and older diffusers formats.
 _LORA_KEY = re.compile(
@@ -169,7 +169,7 @@ def attach_adapter(pipe, lora: str, base: str) -> list[str]:
     if embeds is None:
         return []
     try:
-        return apply_learned_embeds(pipe.text_encoder, pipe.tokenizer, read_learned_embeds(embeds))
+        return load_learned_words(pipe, embeds)
     except ConfigError as error:
         raise EvalInputError(f"Adapter '{lora}' does not fit base model '{base}': {error}") from error
 

@@ -123,7 +123,7 @@ def usage_snippet(
     prompt: str,
     revision: str | None,
     variant: str | None,
-    learned_words: bool = False,
+    learned_words: list[str] | None = None,
 ) -> str:
     """A Python snippet that loads the base pipeline and this adapter (and its learned words), makes one image."""
     # json.dumps gives double-quoted literals that are valid Python for any string.
@@ -139,7 +139,7 @@ def usage_snippet(
             'dtype = torch.float16 if device == "cuda" else torch.float32',
             f"pipe = StableDiffusionPipeline.from_pretrained({q(base_model)}, {dtype_kwarg}=dtype{extra}).to(device)",
             f"pipe.load_lora_weights({q(adapter)})",
-            *(_learned_words_lines(adapter) if learned_words else []),
+            *(_learned_words_lines(adapter, learned_words) if learned_words else []),
             "generator = torch.Generator(device).manual_seed(0)",
             f"image = pipe({q(prompt)}, num_inference_steps=25, guidance_scale=7.5, generator=generator).images[0]",
             'image.save("lora_sample.png")',
@@ -182,10 +182,15 @@ def validate_eval_results(results: dict) -> dict:
     return json.loads(json.dumps(results))
 
 
-def _learned_words_lines(adapter: str) -> list[str]:
-    """Snippet lines that write the run's learned word vectors into the text encoder (the words exist already,
-    so diffusers' load_textual_inversion, which adds new tokens, does not apply)."""
+def _learned_words_lines(adapter: str, words: list[str]) -> list[str]:
+    """Snippet lines that load the run's learned words with diffusers' `load_textual_inversion` (each becomes an
+    added token carrying its learned vector): one call for one word; several words are in one file, so they go in
+    as a list of `{word: vector}` dicts."""
     q = json.dumps
+    if len(words) == 1:
+        return [
+            f"pipe.load_textual_inversion({q(adapter)}, weight_name={q(LEARNED_EMBEDS_FILE)}, token={q(words[0])})"
+        ]
     source = (
         f"hf_hub_download({q(adapter)}, {q(LEARNED_EMBEDS_FILE)})"
         if is_hub_id(adapter)
@@ -194,9 +199,8 @@ def _learned_words_lines(adapter: str) -> list[str]:
     return [
         *(["from huggingface_hub import hf_hub_download"] if is_hub_id(adapter) else []),
         "from safetensors.torch import load_file",
-        f"for word, vector in load_file({source}).items():  # the words this adapter learned",
-        '    token_id = pipe.tokenizer(word, add_special_tokens=False)["input_ids"][0]',
-        "    pipe.text_encoder.get_input_embeddings().weight.data[token_id] = vector.to(dtype)",
+        f"words = load_file({source})  # the words this adapter learned",
+        "pipe.load_textual_inversion([{word: vector} for word, vector in words.items()], token=list(words))",
     ]
 
 
@@ -270,7 +274,7 @@ def render_model_card(
             prompt,
             model_cfg.get("revision"),
             model_cfg.get("variant"),
-            learned_words=bool(learned_words),
+            learned_words=learned_words,
         ),
         "learned_words": learned_words,
         "kohya_file": KOHYA_FILE if (output_dir / KOHYA_FILE).is_file() else None,

@@ -90,7 +90,8 @@ def read_learned_embeds(path: str | Path) -> dict[str, torch.Tensor]:
 def apply_learned_embeds(text_encoder: torch.nn.Module, tokenizer, embeds: dict[str, torch.Tensor]) -> list[str]:
     """Write each learned vector into its word's row of the text encoder's input embeddings; return the words.
 
-    diffusers' `load_textual_inversion` only adds new tokens, and these words are already in the vocabulary.
+    Training uses it (a run started from an adapter keeps its words in their own rows); pipelines that generate
+    load the words with `load_learned_words` instead, as a stock diffusers user does.
     """
     table = text_encoder.get_input_embeddings().weight
     for word, token_id in zip(embeds, word_token_ids(tokenizer, list(embeds)), strict=True):
@@ -104,20 +105,32 @@ def apply_learned_embeds(text_encoder: torch.nn.Module, tokenizer, embeds: dict[
     return list(embeds)
 
 
+def load_learned_words(pipe, path: str | Path) -> list[str]:
+    """Give `pipe` the words of a learned-embeddings file with diffusers' own `load_textual_inversion` (each word
+    becomes an added token carrying its learned vector), exactly as the model card's snippet and the README do;
+    return the words. A vector of the wrong width raises ConfigError naming the word."""
+    embeds = read_learned_embeds(path)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    for word, vector in embeds.items():
+        if vector.numel() != width:
+            raise ConfigError(
+                f"Learned embedding for '{word}' has {vector.numel()} values, but this text encoder's are "
+                f"{width} wide: load it with the base model it was trained on."
+            )
+    pipe.load_textual_inversion([{word: vector} for word, vector in embeds.items()], token=list(embeds))
+    return list(embeds)
+
+
 @contextmanager
 def learned_words(pipe, adapter_dir: str | Path) -> Iterator[list[str]]:
-    """Within the block, `pipe`'s text encoder holds the words learned beside the LoRA in `adapter_dir` (if any);
-    the base rows come back afterwards, as `unload_lora_weights` brings back the base UNet."""
+    """Within the block, `pipe` knows the words learned beside the LoRA in `adapter_dir` (if any); afterwards they
+    are unloaded again, as `unload_lora_weights` brings back the base UNet."""
     path = Path(adapter_dir) / LEARNED_EMBEDS_FILE
     if not path.is_file():
         yield []
         return
-    embeds = read_learned_embeds(path)
-    table = pipe.text_encoder.get_input_embeddings().weight
-    rows = word_token_ids(pipe.tokenizer, list(embeds))
-    saved = table[rows].detach().clone()
+    words = load_learned_words(pipe, path)
     try:
-        yield apply_learned_embeds(pipe.text_encoder, pipe.tokenizer, embeds)
+        yield words
     finally:
-        with torch.no_grad():
-            table[rows] = saved
+        pipe.unload_textual_inversion(words)

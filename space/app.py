@@ -136,19 +136,22 @@ def learned_embeds_file(adapter: str, api=None) -> str | None:
 
 @torch.no_grad()
 def attach_learned_words(pipe: DiffusionPipeline, embeds: dict[str, torch.Tensor]) -> None:
-    """Put each learned vector into its word's input-embedding row, keeping the base row for comparisons.
-
-    diffusers' load_textual_inversion only adds new tokens; these words are already in the vocabulary.
-    """
+    """Add the learned words with diffusers' `load_textual_inversion`, as the model card's snippet does: each word
+    becomes an added token carrying its learned vector. The word's base row is kept, so that LoRA scale 0 (and
+    "compare with base") gives the base model."""
     table = pipe.text_encoder.get_input_embeddings().weight
-    rows = {}
+    base_rows = {}
     for word, vector in embeds.items():
         ids = pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1 or vector.numel() != table.shape[1]:
             raise ValueError(f"Learned word '{word}' does not fit this base model's text encoder.")
-        rows[ids[0]] = (table[ids[0]].clone(), vector.reshape(-1).to(table))
-    pipe.learned_word_rows = rows
-    use_learned_words(pipe, 1.0)
+        base_rows[word] = table[ids[0]].clone()
+    pipe.load_textual_inversion([{word: vector} for word, vector in embeds.items()], token=list(embeds))
+    table = pipe.text_encoder.get_input_embeddings().weight  # one row longer per word now
+    pipe.learned_word_rows = {
+        token_id: (base_rows[word].to(table), table[token_id].clone())
+        for word, token_id in zip(embeds, pipe.tokenizer.convert_tokens_to_ids(list(embeds)), strict=True)
+    }
 
 
 @torch.no_grad()
@@ -157,7 +160,7 @@ def use_learned_words(pipe: DiffusionPipeline, scale: float) -> None:
     learned ones."""
     table = pipe.text_encoder.get_input_embeddings().weight
     for token_id, (base_row, learned_row) in getattr(pipe, "learned_word_rows", {}).items():
-        table[token_id] = torch.lerp(base_row, learned_row, scale)
+        table[token_id] = torch.lerp(base_row, learned_row, scale).to(table)
 
 
 def randomize_seed(seed: int, randomize: bool) -> int:

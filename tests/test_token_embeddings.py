@@ -19,6 +19,7 @@ from lorakit.filenames import LEARNED_EMBEDS_FILE
 from lorakit.token_embeddings import (
     TokenEmbeddingOffsets,
     apply_learned_embeds,
+    learned_words,
     read_learned_embeds,
     save_learned_embeds,
     word_token_ids,
@@ -134,12 +135,14 @@ def test_eval_loads_the_learned_word_with_the_adapter(learned_run, tiny_pipeline
     assert learned_embeds_file(str(learned_run / "pytorch_lora_weights.safetensors")) is not None
     pipe = load_pipeline(str(tiny_pipeline_dir))
     table_before = pipe.text_encoder.get_input_embeddings().weight.clone()
+    # Loaded as a stock diffusers user does (load_textual_inversion): the word is an added token, one row more.
     assert attach_adapter(pipe, str(learned_run), str(tiny_pipeline_dir)) == [WORD]
     table = pipe.text_encoder.get_input_embeddings().weight
-    word_id = word_token_ids(pipe.tokenizer, [WORD])[0]
-    assert torch.allclose(table[word_id], load_file(learned_run / LEARNED_EMBEDS_FILE)[WORD])
-    others = torch.arange(len(table)) != word_id
-    assert torch.equal(table[others], table_before[others])
+    word_id = pipe.tokenizer.convert_tokens_to_ids(WORD)
+    assert word_id == len(table_before) == len(table) - 1
+    assert pipe.tokenizer(f"a {WORD} circle", add_special_tokens=False)["input_ids"][1] == word_id
+    assert torch.equal(table[word_id], load_file(learned_run / LEARNED_EMBEDS_FILE)[WORD])
+    assert torch.equal(table[: len(table_before)], table_before)  # every other word keeps its row
 
 
 @pytest.mark.slow
@@ -169,3 +172,13 @@ def test_a_run_started_from_an_adapter_keeps_its_learned_words(
     assert completed.returncode == 0, completed.stderr[-2000:]
     # the continued LoRA was trained with the word, and is saved with it
     assert torch.equal(load_file(out / LEARNED_EMBEDS_FILE)[WORD], load_file(learned_run / LEARNED_EMBEDS_FILE)[WORD])
+
+
+@pytest.mark.slow
+def test_learned_words_block_adds_the_word_and_leaves_the_base_as_it_was(learned_run, tiny_pipeline_dir):
+    pipe = load_pipeline(str(tiny_pipeline_dir))
+    table_before, vocab_before = pipe.text_encoder.get_input_embeddings().weight.clone(), len(pipe.tokenizer)
+    with learned_words(pipe, learned_run) as words:
+        assert words == [WORD] and len(pipe.tokenizer) == vocab_before + 1
+    assert len(pipe.tokenizer) == vocab_before
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, table_before)
