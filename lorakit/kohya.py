@@ -62,8 +62,11 @@ def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], lora_alpha: float) -
         raise ValueError("Expected a diffusers/peft LoRA state dict (keys with .lora_A/.lora.down); found none.")
     kohya_state = convert_state_dict_to_kohya(peft_state)
     # transformers 5 dropped CLIPTextModel's `text_model.` level; webui loaders expect the original CLIP names.
+    # A single text encoder is `lora_te_` (what sd-scripts writes for SD1/SD2): diffusers names it `lora_te1_`, which
+    # ComfyUI (`comfy/lora.py`) and A1111 take for SD1 too, but A1111's SD2 mapping (`networks.py`,
+    # `convert_diffusers_name_to_compvis`) only knows `lora_te_`.
     kohya_state = {
-        re.sub(r"^(lora_te[12]?)_(?!text_model_)", r"\1_text_model_", key): value for key, value in kohya_state.items()
+        re.sub(r"^lora_te1?_(?:text_model_)?", "lora_te_text_model_", key): value for key, value in kohya_state.items()
     }
     for key in kohya_state:
         if key.endswith(".alpha"):

@@ -97,8 +97,9 @@ def test_kohya_text_encoder_lora_uses_webui_clip_names_and_round_trips(tmp_path,
     run_dir = make_run_folder(tmp_path / "te", tiny_pipeline_dir, train_text_encoder=True)
     kohya = load_file(export_kohya(run_dir))
     te_keys = [k for k in kohya if k.startswith("lora_te")]
-    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in te_keys
-    assert all(k.startswith("lora_te1_text_model_encoder_layers_") for k in te_keys)
+    # `lora_te_`, not diffusers' `lora_te1_`: A1111 maps only `lora_te_` onto SD2's text encoder.
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in te_keys
+    assert all(k.startswith("lora_te_text_model_encoder_layers_") for k in te_keys)
     assert {float(kohya[k]) for k in te_keys if k.endswith(".alpha")} == {LORA_ALPHA}
     diffusers_out = _generate(tiny_pipeline_dir, run_dir, ADAPTER_FILE)
     kohya_out = _generate(tiny_pipeline_dir, run_dir, KOHYA_FILE)
