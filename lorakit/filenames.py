@@ -10,6 +10,9 @@ from __future__ import annotations
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' `load_lora_weights` looks for this name
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"  # --export_kohya, for AUTOMATIC1111 and ComfyUI
 LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"  # {word: vector} of --train_token_embeddings
+# --export_kohya with learned words: one textual-inversion file per word, named `<word>.safetensors` because
+# AUTOMATIC1111 and ComfyUI name an embedding after its file (the prompt says `purple` / `embedding:purple`).
+KOHYA_EMBEDDINGS_DIR = "embeddings"
 TRAINING_CONFIG_FILE = "training_config.yaml"  # the resolved configuration, nested by section
 SUMMARY_FILE = "train_summary.json"  # lorakit.summary.TrainSummary
 LOSS_HISTORY_FILE = "loss_history.json"
