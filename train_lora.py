@@ -165,7 +165,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
             f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)."
         )
         train_loop(cfg, accelerator, run, state, stop, timer, command)
-        out = write_outputs(cfg, accelerator, run, state, len(data.rows), started, command)
+        out = write_outputs(cfg, accelerator, run, state, data, started, command)
         accelerator.end_training()
         publish(cfg, accelerator, out)
         unwrap = accelerator.unwrap_model
@@ -362,7 +362,7 @@ def write_outputs(
     accelerator: Accelerator,
     run: Run,
     state: TrainState,
-    num_samples: int,
+    data: TrainingData,
     started: float,
     command: str,
 ) -> Path:
@@ -385,7 +385,7 @@ def write_outputs(
     summary = TrainSummary(
         base_model=cfg.model.pretrained_model_name_or_path,
         dataset=cfg.data.dataset_name or cfg.data.train_data_dir,
-        num_samples=num_samples,
+        num_samples=len(data.rows),
         global_step=state.global_step,
         num_train_epochs=cfg.training.num_train_epochs,
         lora_trainable_parameters=run.lora_parameters,
@@ -402,7 +402,8 @@ def write_outputs(
     write_summary(out, summary)
     write_model_card(out)
     if cfg.output.export_kohya:
-        export_kohya(out)
+        # The captions give the kohya file its tag frequencies (galleries show them).
+        export_kohya(out, captions=data.rows[data.caption_column])
     outputs.clean_temporary_files(out)
     accelerator.print(f"Saved {adapter} ({adapter.stat().st_size:,} bytes) and its model card in {out}.")
     return out

@@ -7,6 +7,8 @@ import json
 import logging
 import re
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO_ROOT, tiny_train_args
 from diffusers import StableDiffusionPipeline
 from fake_run import DATASET_ID, LORA_ALPHA, RANK, make_run_folder
 from safetensors import safe_open
@@ -372,3 +375,24 @@ def test_whole_adapter_round_trips_through_the_kohya_export(word_run, tiny_pipel
     without_word = _generate(tiny_pipeline_dir, word_run, ADAPTER_FILE, prompt)
     assert not torch.allclose(original, without_word, atol=1e-3), "the learned word should change the output"
     assert torch.allclose(original, exported, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_trainer_exports_the_captions_it_trained_on_and_its_words(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    # 4 of the 12 rows: the tag counts must come from the trainer's rows, not from re-reading the whole dataset.
+    out = tmp_path / "out"
+    args = tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--max_train_steps", "1", "--max_train_samples")
+    args += ["4", "--train_token_embeddings", WORD, "--export_kohya"]
+    completed = subprocess.run(
+        [sys.executable, "train_lora.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    metadata = kohya_metadata_of(out / KOHYA_FILE)
+    all_captions = {
+        json.loads(line)["text"] for line in (tiny_dataset_dir / "metadata.jsonl").read_text().splitlines()
+    }
+    tags = json.loads(metadata["ss_tag_frequency"])[tiny_dataset_dir.name]
+    assert sum(tags.values()) == 4 == int(metadata["ss_num_train_images"]) and set(tags) <= all_captions
+    assert metadata["modelspec.trigger_phrase"] == WORD
+    assert f"bundle_emb.{WORD}.string_to_param.*" in load_file(out / KOHYA_FILE)
+    assert (out / KOHYA_EMBEDDINGS_DIR / f"{WORD}.safetensors").is_file()
