@@ -156,7 +156,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
     stop = StopRequest()
     try:
         run = set_up(cfg, accelerator, data)
-        state = resume_if_asked(cfg, accelerator, run.fingerprint)
+        state = resume_if_asked(cfg, accelerator, run.fingerprint, cfg.training.gradient_accumulation_steps)
         if accelerator.is_main_process:
             accelerator.init_trackers("lora", config=cfg.flat_scalars())
             outputs.write_training_config(cfg.output.output_dir, cfg)
@@ -268,7 +268,7 @@ def inherit_learned_words(init_adapter: str | None, models: Models) -> dict[str,
 def train_loop(
     cfg: TrainConfig, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, timer, command: str
 ) -> None:
-    """Epochs of optimizer steps until the step budget or the epoch count is reached; resumes at the exact batch."""
+    """Epochs of optimizer steps until the step budget or the epoch count is reached; resumes at the exact sample."""
     progress = tqdm(
         range(run.total_steps),
         initial=state.global_step,
@@ -323,7 +323,7 @@ def train_epoch(
             stop_and_exit(cfg, accelerator, run, state, stop, command)
         if state.global_step >= run.total_steps:
             return
-    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    state.epoch, state.batches_in_epoch, state.steps_in_epoch = state.epoch + 1, 0, 0
 
 
 def after_optimizer_step(
@@ -331,6 +331,7 @@ def after_optimizer_step(
 ) -> None:
     """Record, log, check, checkpoint and validate after each optimizer step."""
     state.global_step += 1
+    state.steps_in_epoch += 1
     learning_rate = run.lr_scheduler.get_last_lr()[0]
     state.loss_history.append({"step": state.global_step, "loss": step_loss, "lr": learning_rate})
     check_finite(step_loss, state, cfg, accelerator.mixed_precision)
