@@ -158,6 +158,13 @@ def test_without_the_flag_the_layout_is_the_flags_and_nothing_is_tried(monkeypat
     assert split(layout) == (3, 2, True)
 
 
+def test_the_real_preset_chooses_its_micro_batch_and_checkpointing():
+    training = parse_args(["--config", str(REPO_ROOT / "configs" / "bk-sdm-tiny-naruto.yaml")]).training
+    assert training.auto_micro_batch and not training.gradient_checkpointing  # on only when 1 does not fit
+    assert training.train_batch_size * training.gradient_accumulation_steps == 4
+    assert not parse_args(["--config", str(REPO_ROOT / "configs" / "shapes.yaml")]).training.auto_micro_batch
+
+
 # ---- real runs on the tiny fixtures, in process ------------------------------------------------------------------
 
 
