@@ -3,9 +3,10 @@
     python tests/fault_runner.py FAULT[+FAULT...] -- TRAIN_ARGS...      (also under `accelerate launch`)
 
 FAULT: kill_after_checkpoint:K | kill_inside_save:K | sigterm_at_step:K | kill_at_batch:N | record_indices:DIR |
-oom_above:M | none
+oom_above:M[@RANK] | none
 The faults are real: SIGKILL and SIGTERM are sent to this very process at the named point. oom_above makes
---auto_micro_batch's trial step run out of memory (an injected CUDA out-of-memory error) above micro-batch M.
+--auto_micro_batch's trial step run out of memory (an injected CUDA out-of-memory error) above micro-batch M,
+on every process or on process RANK only.
 """
 
 from __future__ import annotations
@@ -89,11 +90,12 @@ def record_indices(folder: str) -> None:
     train_lora.collate_examples = collate_and_record
 
 
-def oom_above(limit: int) -> None:
+def oom_above(spec: str) -> None:
+    limit, _, rank = spec.partition("@")
     original = micro_batch.trial_step
 
     def trial_or_oom(cfg, accelerator, models, micro):
-        if micro > limit:
+        if micro > int(limit) and rank in ("", str(accelerator.process_index)):
             raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a micro-batch of {micro} (injected)")
         return original(cfg, accelerator, models, micro)
 
@@ -106,7 +108,7 @@ FAULTS = {
     "sigterm_at_step": lambda v: sigterm_at_step(int(v)),
     "kill_at_batch": lambda v: kill_at_batch(int(v)),
     "record_indices": record_indices,
-    "oom_above": lambda v: oom_above(int(v)),
+    "oom_above": oom_above,
 }
 
 if __name__ == "__main__":

@@ -333,3 +333,24 @@ def test_sigkill_then_resume_with_the_same_micro_batch_is_bit_exact(tiny_pipelin
     assert history(out) == history(uninterrupted)
     assert same_adapters(out, uninterrupted)
     assert read_summary(out).micro_batch_size == read_summary(uninterrupted).micro_batch_size == 2
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_layout_that_fits_on_both(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    """Only process 1 runs out of memory above 1: both must accumulate 2 micro-batches of 1, or their steps would
+    not line up."""
+    out, seen = tmp_path / "out", tmp_path / "seen"
+    seen.mkdir()
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--auto_micro_batch")  # batch 2
+    command = [*launcher, str(RUNNER), f"oom_above:1@1+record_indices:{seen}", "--", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "tried 2: out of memory; 1: fits" in completed.stdout
+    per_process = [[json.loads(line) for line in (seen / f"indices-{r}.jsonl").read_text().splitlines()] for r in "01"]
+    assert all(len(batch) == 1 for batches in per_process for batch in batches)
+    assert sorted(i for batches in per_process for batch in batches for i in batch) == list(range(12))
+    summary = read_summary(out)
+    assert (summary.micro_batch_size, summary.gradient_accumulation_steps, summary.global_step) == (1, 2, 3)
