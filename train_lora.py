@@ -37,6 +37,7 @@ from lorakit.data import (
 from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
 from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
+from lorakit.micro_batch import BatchLayout, choose_layout
 from lorakit.params import count_parameters
 from lorakit.run_state import (
     StopRequest,
@@ -128,12 +129,14 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     )
 
 
-def make_dataloader(cfg: TrainConfig, dataset: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
-    """Workers decode and resize off the main process; pinned memory speeds host-to-GPU copies."""
+def make_dataloader(
+    cfg: TrainConfig, dataset: torch.utils.data.Dataset, batch_size: int
+) -> torch.utils.data.DataLoader:
+    """Micro-batches of `batch_size`; workers decode and resize off the main process; pinned memory speeds copies."""
     workers = cfg.data.dataloader_num_workers
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.training.train_batch_size,
+        batch_size=batch_size,
         shuffle=True,
         collate_fn=collate_examples,
         num_workers=workers,
@@ -156,7 +159,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
     stop = StopRequest()
     try:
         run = set_up(cfg, accelerator, data)
-        state = resume_if_asked(cfg, accelerator, run.fingerprint)
+        state = resume_if_asked(cfg, accelerator, run.fingerprint, run.layout.gradient_accumulation_steps)
         if accelerator.is_main_process:
             accelerator.init_trackers("lora", config=cfg.flat_scalars())
             outputs.write_training_config(cfg.output.output_dir, cfg)
@@ -164,6 +167,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
             f"{len(data.rows)} samples, {run.total_steps} steps, {run.lora_parameters:,} LoRA parameters, "
             f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)."
         )
+        accelerator.print(run.layout.describe())
         train_loop(cfg, accelerator, run, state, stop, timer, command)
         out = write_outputs(cfg, accelerator, run, state, data, started, command)
         accelerator.end_training()
@@ -193,6 +197,7 @@ class Run:
     total_steps: int
     fingerprint: dict
     lora_parameters: int
+    layout: BatchLayout
     latent_cache: dict | None = None
 
 
@@ -205,6 +210,10 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
         ckpt.load_lora_into(cfg.lora.init_adapter, models.unet, text_encoder)
     inherited_words = inherit_learned_words(cfg.lora.init_adapter, models)
     token_offsets = attach_token_offsets(models, cfg.lora)
+    trainable = params + ([token_offsets.offsets] if token_offsets is not None else [])
+    # Before the speed options: the trial steps must not trigger torch.compile (once per shape tried).
+    layout = choose_layout(cfg, accelerator, models, trainable)
+    accelerator.gradient_accumulation_steps = layout.gradient_accumulation_steps  # made before the layout was known
     apply_speed_options(cfg, models)
     train_data = CaptionedImageDataset(
         data.rows,
@@ -224,11 +233,11 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
             )
         latent_cache_info = {"path": str(path), "hit": hit}
         accelerator.print(f"Latent cache {'reused' if hit else 'written'}: {path}")
-    dataloader = make_dataloader(cfg, train_data)
+    dataloader = make_dataloader(cfg, train_data, layout.micro_batch_size)
     learning_rate = scaled_learning_rate(cfg, accelerator.num_processes)
     optimizer = make_optimizer(params, cfg.training, learning_rate, token_offsets, cfg.lora.token_embedding_lr)
     num_batches = math.ceil(len(dataloader) / accelerator.num_processes)
-    _, total_steps = total_train_steps(num_batches, cfg.training)
+    _, total_steps = total_train_steps(num_batches, cfg.training, layout.gradient_accumulation_steps)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.training, total_steps, accelerator.num_processes)
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(models.unet, optimizer, dataloader, lr_scheduler)
     text_encoder = accelerator.prepare(models.text_encoder) if cfg.lora.train_text_encoder else models.text_encoder
@@ -239,7 +248,7 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
         unet=unet,
         text_encoder=text_encoder,
         trained=trained,
-        params=params + ([token_offsets.offsets] if token_offsets is not None else []),
+        params=trainable,
         token_offsets=token_offsets,
         inherited_words=inherited_words,
         optimizer=optimizer,
@@ -250,6 +259,7 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
         total_steps=total_steps,
         fingerprint=current_fingerprint(cfg, data.fingerprint, accelerator.num_processes),
         lora_parameters=count_parameters(accelerator.unwrap_model(unet), trainable_only=True),
+        layout=layout,
         latent_cache=latent_cache_info,
     )
 
@@ -268,7 +278,7 @@ def inherit_learned_words(init_adapter: str | None, models: Models) -> dict[str,
 def train_loop(
     cfg: TrainConfig, accelerator: Accelerator, run: Run, state: TrainState, stop: StopRequest, timer, command: str
 ) -> None:
-    """Epochs of optimizer steps until the step budget or the epoch count is reached; resumes at the exact batch."""
+    """Epochs of optimizer steps until the step budget or the epoch count is reached; resumes at the exact sample."""
     progress = tqdm(
         range(run.total_steps),
         initial=state.global_step,
@@ -323,7 +333,7 @@ def train_epoch(
             stop_and_exit(cfg, accelerator, run, state, stop, command)
         if state.global_step >= run.total_steps:
             return
-    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    state.epoch, state.batches_in_epoch, state.steps_in_epoch = state.epoch + 1, 0, 0
 
 
 def after_optimizer_step(
@@ -331,6 +341,7 @@ def after_optimizer_step(
 ) -> None:
     """Record, log, check, checkpoint and validate after each optimizer step."""
     state.global_step += 1
+    state.steps_in_epoch += 1
     learning_rate = run.lr_scheduler.get_last_lr()[0]
     state.loss_history.append({"step": state.global_step, "loss": step_loss, "lr": learning_rate})
     check_finite(step_loss, state, cfg, accelerator.mixed_precision)
@@ -395,6 +406,10 @@ def write_outputs(
         command=command,
         mixed_precision=accelerator.mixed_precision,
         num_processes=accelerator.num_processes,
+        micro_batch_size=run.layout.micro_batch_size,
+        gradient_accumulation_steps=run.layout.gradient_accumulation_steps,
+        gradient_checkpointing=run.layout.gradient_checkpointing,
+        auto_micro_batch=run.layout.auto,
         learned_words=list(cfg.lora.train_token_embeddings),
         validation=validation,
         license=resolve_license(cfg.model.pretrained_model_name_or_path, None)[0],

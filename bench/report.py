@@ -102,9 +102,21 @@ def train_table(cases: list[dict]) -> str:
 
 def case_notes(cases: list[dict]) -> str:
     return "\n".join(
-        f"- `{c['name']}`: {c['description']}; {c['timed_steps']} timed steps; trainer flags "
+        f"- `{c['name']}`: {c['description']}; {c['timed_steps']} timed steps{layout_note(c)}; trainer flags "
         f"`{shown_flags(c['flags'])}`."
         for c in cases
+    )
+
+
+def layout_note(case: dict) -> str:
+    """How the case split its steps, when it was chosen by --auto_micro_batch (older results do not say)."""
+    layout = case.get("layout") or {}
+    if not layout.get("auto_micro_batch"):
+        return ""
+    checkpointing = "on" if layout["gradient_checkpointing"] else "off"
+    return (
+        f"; `--auto_micro_batch` chose micro-batch {layout['micro_batch_size']} x "
+        f"{layout['gradient_accumulation_steps']}, gradient checkpointing {checkpointing}"
     )
 
 
@@ -127,7 +139,7 @@ def cache_state(case: dict) -> str:
 
 def shown_flags(flags: list[str]) -> str:
     """Trainer flags with local paths cut to their last part (the scratch folder differs per machine)."""
-    return " ".join(Path(flag).name if "/" in flag else flag for flag in flags)
+    return " ".join(Path(flag).name if "/" in flag else flag or "''" for flag in flags)
 
 
 def cache_section(cases: list[dict], checks: dict) -> str:
@@ -216,8 +228,21 @@ def train_section(document: dict) -> str:
     for batch in sorted(set(compiled) & set(eager)):
         ratio = compiled[batch]["step_s"] / eager[batch]["step_s"]
         parts.append(f"- Batch {batch}: `--compile` step time is {ratio:.2f}x the eager one (same run).")
+    parts += preset_lines(main)
     parts += ["", cache_section(document["cases"], checks)]
     return "\n".join(parts)
+
+
+def preset_lines(cases: list[dict]) -> list[str]:
+    """The real preset with --auto_micro_batch against its former layout (1 x 4 with gradient checkpointing)."""
+    preset = {c["tags"]["auto_micro_batch"]: c for c in cases if c.get("group") == "gpu-preset"}
+    if len(preset) != 2:
+        return []
+    auto, before = preset[True], preset[False]
+    line = f"- Real preset{layout_note(auto)}: step time {auto['step_s'] / before['step_s']:.2f}x"
+    if auto.get("peak_cuda_mib") and before.get("peak_cuda_mib"):
+        line += f", peak GPU memory {auto['peak_cuda_mib'] / before['peak_cuda_mib']:.2f}x"
+    return [line + " those of micro-batch 1 x 4 with gradient checkpointing (same run)."]
 
 
 def generate_section(document: dict) -> str:
@@ -314,8 +339,8 @@ def gpu_status(documents: list[dict]) -> str:
     return (
         "No GPU figures yet: `bench/results/` holds no GPU run. On a CUDA machine, `bash bench/gpu.sh` (prepared to\n"
         "finish in under 8 minutes on an H200: BK-SDM-Tiny architecture at 512 px in bf16, batch sizes 1, 4 and 8,\n"
-        "with and without `--compile`, then generation at 25 steps) writes `bench/results/train-gpu.json` and\n"
-        "`bench/results/generate-gpu.json` and re-renders this page."
+        "with and without `--compile`; the real preset with and without `--auto_micro_batch`; then generation at 25\n"
+        "steps) writes `bench/results/train-gpu.json` and `bench/results/generate-gpu.json` and re-renders this page."
     )
 
 

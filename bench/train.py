@@ -17,9 +17,12 @@ from bench.data import make_image_folder
 from bench.machine import PeakMemory, load_average
 from bench.timer import StepStampTimer
 from lorakit.config import parse_args
-from lorakit.paths import BK_SDM_TINY_REFERENCE, EMBEDDED_PIPELINE, SHAPES_PRESET
+from lorakit.paths import BK_SDM_TINY_REFERENCE, CONFIGS_DIR, EMBEDDED_PIPELINE, SHAPES_PRESET
 from lorakit.reference import build_reference_pipeline
+from lorakit.summary import read_summary
 from lorakit.timing import PHASES
+
+REAL_PRESET = CONFIGS_DIR / "bk-sdm-tiny-naruto.yaml"
 
 # Steps dropped before averaging: the first step pays for lazy initialisation (and compilation).
 WARMUP_STEPS = 1
@@ -128,11 +131,23 @@ def run_case(case: TrainCase, work_dir: Path) -> dict:
         "loss_history": [entry["loss"] for entry in result.state.loss_history],
         "load_average_1min": [load_before, load_average()],
         "latent_cache_hit": (result.latent_cache or {}).get("hit"),
+        "layout": batch_layout(result.output_dir),
     }
     if case.steps_per_epoch:
         record["epochs"] = epoch_windows(timer, case.steps_per_epoch, warmup, case.batch_size)
     del result
     return record
+
+
+def batch_layout(output_dir: Path) -> dict:
+    """How the run split its optimizer steps (chosen by --auto_micro_batch or given by the flags)."""
+    summary = read_summary(output_dir)
+    return {
+        "micro_batch_size": summary.micro_batch_size,
+        "gradient_accumulation_steps": summary.gradient_accumulation_steps,
+        "gradient_checkpointing": summary.gradient_checkpointing,
+        "auto_micro_batch": summary.auto_micro_batch,
+    }
 
 
 def result_processes() -> int:
@@ -320,8 +335,10 @@ def gpu_cases(
     steps = 6 if short else 15
     cases = []
     # Compiled runs last and largest batch first: each compiles anew (minutes), so if the script's time limit
-    # cuts the stage, the figures that matter most are already written.
+    # cuts the stage, the figures that matter most are already written. The real preset's two runs go between.
     for compiled in (False, True):
+        if compiled:
+            cases += real_preset_cases(model, data, short)
         for batch in sorted(batch_sizes, reverse=compiled):
             flags = [
                 *bk_flags(model, data, resolution, batch),
@@ -347,6 +364,44 @@ def gpu_cases(
                 )
             )
     return cases
+
+
+def real_preset_cases(model: Path, data: Path, short: bool) -> list[TrainCase]:
+    """configs/bk-sdm-tiny-naruto.yaml on the BK-SDM-Tiny architecture and generated images: as the preset was
+    before --auto_micro_batch (micro-batch 1 x 4 with gradient checkpointing), then as it is now."""
+    cfg = parse_args(["--config", str(REAL_PRESET)])
+    effective = cfg.training.train_batch_size * cfg.training.gradient_accumulation_steps
+    base = [
+        "--config",
+        str(REAL_PRESET),
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--dataset_name",
+        "",  # the preset's Hub dataset, replaced by the local folder
+        "--train_data_dir",
+        str(data),
+        *fixed_steps(4 if short else 12),
+    ]
+    variants = {
+        "gpu-preset-1x4-checkpointing": (
+            "as before --auto_micro_batch: micro-batch 1 x 4, gradient checkpointing",
+            ["--no-auto_micro_batch", "--gradient_checkpointing"],
+        ),
+        "gpu-preset-auto": ("--auto_micro_batch (the preset as it is)", ["--auto_micro_batch"]),
+    }
+    return [
+        TrainCase(
+            name=name,
+            description=f"real preset ({REAL_PRESET.name}) on the BK-SDM-Tiny architecture, {cfg.data.resolution} px, "
+            f"{cfg.training.mixed_precision}, {effective} samples per step, {description}",
+            flags=[*base, *flags],
+            batch_size=effective,
+            resolution=cfg.data.resolution,
+            group="gpu-preset",
+            tags={"auto_micro_batch": "--auto_micro_batch" in flags},
+        )
+        for name, (description, flags) in variants.items()
+    ]
 
 
 def make_cases(

@@ -147,6 +147,18 @@ def usage_snippet(
     )
 
 
+def batch_layout_rows(summary: TrainSummary) -> list[tuple[str, str]]:
+    """Results rows of how each optimizer step was split (none for runs that did not record it)."""
+    if summary.micro_batch_size is None:
+        return []
+    micro, accumulation = summary.micro_batch_size, summary.gradient_accumulation_steps or 1
+    how = " (chosen by `--auto_micro_batch`)" if summary.auto_micro_batch else ""
+    return [
+        ("Batch per optimizer step", f"{micro * accumulation} per process: micro-batch {micro} x {accumulation}{how}"),
+        ("Gradient checkpointing", "on" if summary.gradient_checkpointing else "off"),
+    ]
+
+
 def to_eval_result(metric: dict) -> EvalResult:
     """One metric of the `update_card_with_eval` schema as a huggingface_hub `EvalResult` (model-index)."""
     return EvalResult(
@@ -250,6 +262,7 @@ def render_model_card(
         ("Final loss", f"{final_loss:.4g}" if isinstance(final_loss, (int, float)) else final_loss),
         ("Training time", f"{summary.train_seconds:.0f} s"),
         ("Mixed precision", summary.mixed_precision),
+        *batch_layout_rows(summary),
         ("LoRA trainable parameters", f"{summary.lora_trainable_parameters:,}"),
         ("Adapter file size", f"{human_size(adapter_bytes)} ({adapter_bytes:,} bytes)"),
     ]

@@ -33,6 +33,11 @@ from lorakit.token_embeddings import (
 
 CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TRAIN_STATE_FILE = "train_state.json"
+# Said after a refused fingerprint key whose name alone does not tell the user what to change.
+RESUME_HINTS = {
+    "effective_batch_size": "train_batch_size x gradient_accumulation_steps per process; another split of the "
+    "same product resumes",
+}
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -69,7 +74,11 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint:
     """Refuse to resume when the data, batch layout or LoRA shape changed (the state would not fit)."""
     changed = [key for key in current if saved.get(key) != current[key]]
     if changed:
-        details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}" for key in changed)
+        details = "; ".join(
+            f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}"
+            + (f" ({RESUME_HINTS[key]})" if key in RESUME_HINTS else "")
+            for key in changed
+        )
         raise ConfigError(
             f"Cannot resume from {checkpoint}: {details}. Resume with the settings of that run, "
             "or start a new run in another --output_dir."

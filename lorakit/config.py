@@ -166,6 +166,15 @@ class TrainingArgs:
     max_train_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
     train_batch_size: int = field(default=1, metadata={"help": "Batch size per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per step."})
+    auto_micro_batch: bool = field(
+        default=False,
+        metadata={
+            "help": "Treat train_batch_size x gradient_accumulation_steps as the batch per optimizer step and "
+            "split it into the largest micro-batch that fits in memory (found by a trial step; gradient "
+            "checkpointing only if a micro-batch of 1 does not fit). On a CPU the micro-batch starts at "
+            "train_batch_size."
+        },
+    )
     learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate."})
     scale_lr: bool = field(default=False, metadata={"help": "Scale lr by batch size, accumulation and processes."})
     lr_scheduler: str = field(default="constant", metadata={"help": "LR schedule.", "choices": LR_SCHEDULER_CHOICES})

@@ -26,11 +26,16 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Where the run is: saved with every checkpoint so a resumed run continues at the exact batch."""
+    """Where the run is: saved with every checkpoint so a resumed run continues at the exact sample.
+
+    `batches_in_epoch` counts this run's micro-batches; checkpoints store `steps_in_epoch` (optimizer steps)
+    instead, so a run resumed with another micro-batch of the same effective batch skips the same samples.
+    """
 
     global_step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    steps_in_epoch: int = 0
     loss_history: list[dict[str, float]] = field(default_factory=list)
     nonfinite_streak: int = 0
 
@@ -55,8 +60,8 @@ def current_fingerprint(cfg: TrainConfig, data_fingerprint: str, num_processes: 
     """What must match between a checkpoint and the run that resumes from it (`data_fingerprint`: the rows')."""
     return {
         "data": data_fingerprint,
-        "train_batch_size": cfg.training.train_batch_size,
-        "gradient_accumulation_steps": cfg.training.gradient_accumulation_steps,
+        # Samples per optimizer step per process: how they are split into micro-batches may change on resume.
+        "effective_batch_size": cfg.training.train_batch_size * cfg.training.gradient_accumulation_steps,
         "num_processes": num_processes,
         "rank": cfg.lora.rank,
         "lora_alpha": cfg.lora.lora_alpha,
@@ -67,29 +72,54 @@ def current_fingerprint(cfg: TrainConfig, data_fingerprint: str, num_processes: 
     }
 
 
-def resume_if_asked(cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict) -> TrainState:
+def resume_if_asked(
+    cfg: TrainConfig, accelerator: Accelerator, fingerprint: dict, accumulation_steps: int
+) -> TrainState:
+    """A fresh state, or the checkpoint's, positioned in micro-batches of this run (`accumulation_steps` each)."""
     checkpoint_dir = ckpt.resolve_resume_dir(cfg.output.output_dir, cfg.training.resume_from_checkpoint)
     if checkpoint_dir is None:
         if cfg.training.resume_from_checkpoint == "latest":
             accelerator.print("No checkpoint found in the output folder: starting a new run.")
         return TrainState()
-    saved = ckpt.read_train_state(checkpoint_dir)
+    saved = upgrade_saved_state(ckpt.read_train_state(checkpoint_dir))
     ckpt.check_compatible(saved["fingerprint"], fingerprint, checkpoint_dir)
     accelerator.load_state(str(checkpoint_dir))
     accelerator.print(f"Resumed from {checkpoint_dir} at step {saved['global_step']}.")
     return TrainState(
         global_step=saved["global_step"],
         epoch=saved["epoch"],
-        batches_in_epoch=saved["batches_in_epoch"],
+        # Checkpoints are taken after optimizer steps only, so this is exact (past the end at an epoch's last,
+        # partial step, where nothing is left to skip to anyway).
+        batches_in_epoch=saved["steps_in_epoch"] * accumulation_steps,
+        steps_in_epoch=saved["steps_in_epoch"],
         loss_history=saved["loss_history"][: saved["global_step"]],
     )
+
+
+def upgrade_saved_state(saved: dict) -> dict:
+    """A checkpoint written before micro-batches could change on resume, in today's terms.
+
+    It stored the position in batches of its `train_batch_size` and fingerprinted both batch flags.
+    """
+    fingerprint = saved["fingerprint"]
+    if "steps_in_epoch" in saved or "gradient_accumulation_steps" not in fingerprint:
+        return saved
+    accumulation = fingerprint["gradient_accumulation_steps"]
+    effective = fingerprint["train_batch_size"] * accumulation
+    old_keys = ("train_batch_size", "gradient_accumulation_steps")
+    upgraded_fingerprint = {k: v for k, v in fingerprint.items() if k not in old_keys}
+    return {
+        **saved,
+        "steps_in_epoch": -(-saved["batches_in_epoch"] // accumulation),
+        "fingerprint": {**upgraded_fingerprint, "effective_batch_size": effective},
+    }
 
 
 def save_training_state(cfg: TrainConfig, accelerator: Accelerator, state: TrainState, fingerprint: dict) -> Path:
     payload = {
         "global_step": state.global_step,
         "epoch": state.epoch,
-        "batches_in_epoch": state.batches_in_epoch,
+        "steps_in_epoch": state.steps_in_epoch,
         "loss_history": state.loss_history,
         "fingerprint": fingerprint,
     }

@@ -40,6 +40,18 @@ class TrainSummary:
     command: str = field(metadata={"help": "The command line that ran the training, as typed (see launch_command)."})
     mixed_precision: str = field(metadata={"help": "The precision accelerate actually used: no, fp16 or bf16."})
     num_processes: int = field(default=1, metadata={"help": "Data-parallel processes."})
+    micro_batch_size: int | None = field(
+        default=None, metadata={"help": "Samples per forward/backward pass per process (None: not recorded)."}
+    )
+    gradient_accumulation_steps: int | None = field(
+        default=None, metadata={"help": "Micro-batches accumulated per optimizer step."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Whether the UNet recomputed activations in the backward pass."}
+    )
+    auto_micro_batch: bool = field(
+        default=False, metadata={"help": "Whether --auto_micro_batch chose the three values above by trial."}
+    )
     learned_words: list[str] = field(default_factory=list, metadata={"help": "Words of --train_token_embeddings."})
     validation: list[ValidationImage] = field(default_factory=list, metadata={"help": "Final validation images."})
     instance_prompt: str | None = field(default=None, metadata={"help": "The prompt that names the concept."})

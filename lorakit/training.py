@@ -157,9 +157,13 @@ def scaled_learning_rate(cfg: TrainConfig, num_processes: int) -> float:
     return t.learning_rate * t.train_batch_size * t.gradient_accumulation_steps * num_processes
 
 
-def total_train_steps(num_batches: int, training: TrainingArgs) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps) for `num_batches` batches per epoch per process."""
-    per_epoch = math.ceil(num_batches / training.gradient_accumulation_steps)
+def total_train_steps(num_batches: int, training: TrainingArgs, accumulation_steps: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) for `num_batches` micro-batches per epoch per process.
+
+    `accumulation_steps` is the run's (--auto_micro_batch may choose another split than the flags): for any split
+    of the same effective batch E, ceil(ceil(N / micro) / accumulation) = ceil(N / E), so the count is the same.
+    """
+    per_epoch = math.ceil(num_batches / accumulation_steps)
     total = per_epoch * training.num_train_epochs
     if training.max_train_steps is not None:
         total = min(total, training.max_train_steps)

@@ -1,9 +1,12 @@
 """Run train_lora.main with a fault injected, for the resume and multi-process tests.
 
-    python tests/fault_runner.py FAULT -- TRAIN_ARGS...      (also under `accelerate launch`)
+    python tests/fault_runner.py FAULT[+FAULT...] -- TRAIN_ARGS...      (also under `accelerate launch`)
 
-FAULT: kill_after_checkpoint:K | kill_inside_save:K | sigterm_at_step:K | kill_at_batch:N | record_indices:DIR | none
-The faults are real: SIGKILL and SIGTERM are sent to this very process at the named point.
+FAULT: kill_after_checkpoint:K | kill_inside_save:K | sigterm_at_step:K | kill_at_batch:N | record_indices:DIR |
+oom_above:M[@RANK] | none
+The faults are real: SIGKILL and SIGTERM are sent to this very process at the named point. oom_above makes
+--auto_micro_batch's trial step run out of memory (an injected CUDA out-of-memory error) above micro-batch M,
+on every process or on process RANK only.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
+
 import train_lora  # noqa: E402
-from lorakit import checkpoint  # noqa: E402
+from lorakit import checkpoint, micro_batch  # noqa: E402
 
 
 def kill_after_checkpoint(step: int) -> None:
@@ -85,18 +90,32 @@ def record_indices(folder: str) -> None:
     train_lora.collate_examples = collate_and_record
 
 
+def oom_above(spec: str) -> None:
+    limit, _, rank = spec.partition("@")
+    original = micro_batch.trial_step
+
+    def trial_or_oom(cfg, accelerator, models, micro):
+        if micro > int(limit) and rank in ("", str(accelerator.process_index)):
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a micro-batch of {micro} (injected)")
+        return original(cfg, accelerator, models, micro)
+
+    micro_batch.trial_step = trial_or_oom
+
+
 FAULTS = {
     "kill_after_checkpoint": lambda v: kill_after_checkpoint(int(v)),
     "kill_inside_save": lambda v: kill_inside_save(int(v)),
     "sigterm_at_step": lambda v: sigterm_at_step(int(v)),
     "kill_at_batch": lambda v: kill_at_batch(int(v)),
     "record_indices": record_indices,
+    "oom_above": oom_above,
 }
 
 if __name__ == "__main__":
     fault, separator, *train_args = sys.argv[1:]
     assert separator == "--", "usage: fault_runner.py FAULT -- TRAIN_ARGS"
-    if fault != "none":
-        name, value = fault.split(":", 1)
-        FAULTS[name](value)
+    for one in fault.split("+"):
+        if one != "none":
+            name, value = one.split(":", 1)
+            FAULTS[name](value)
     sys.exit(train_lora.main(train_args))

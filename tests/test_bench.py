@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
 from bench.__main__ import main as bench_main
-from bench.report import PAGE, block_renderers, fmt
+from bench.report import PAGE, block_renderers, fmt, layout_note, preset_lines
 from bench.results_io import RESULTS_DIR, read_results
 from bench.timer import StepStampTimer
 from bench.train import gpu_cases, make_cases, run_train_bench
 from lorakit.config import parse_args
+from lorakit.data import prepare_dataset
 from lorakit.markdown import block_names, render_blocks
 from lorakit.paths import REPO_ROOT
 from lorakit.timing import PHASES
@@ -43,6 +45,9 @@ def short_train(tiny_pipeline_dir, tmp_path_factory):
         == 0
     )
     return json.loads(out.read_text())
+
+
+LAYOUT_KEYS = ("micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "auto_micro_batch")
 
 
 def by_name(document: dict) -> dict[str, dict]:
@@ -112,7 +117,10 @@ def test_embedded_default_and_jpeg_cases_report_the_data_wait_share(tmp_path):
 
 def test_gpu_script_cases_are_flags_the_trainer_accepts(tiny_pipeline_dir, tmp_path):
     cases = gpu_cases(tiny_pipeline_dir, tmp_path, short=True, resolution=64)
-    assert [(c.batch_size, c.tags["compile"]) for c in cases] == [
+    # Eager runs, the real preset's two, then the compiled runs (the ones a time limit may cut).
+    assert [c.name for c in cases][3:5] == ["gpu-preset-1x4-checkpointing", "gpu-preset-auto"]
+    sweep = [c for c in cases if c.group == "gpu-512"]
+    assert [(c.batch_size, c.tags["compile"]) for c in sweep] == [
         (1, False),
         (4, False),
         (8, False),
@@ -120,12 +128,57 @@ def test_gpu_script_cases_are_flags_the_trainer_accepts(tiny_pipeline_dir, tmp_p
         (4, True),
         (1, True),
     ]
-    for case in cases:
+    for case in sweep:
         cfg = parse_args([*case.flags, "--output_dir", str(tmp_path / "out")])
         assert cfg.training.mixed_precision == "bf16" and cfg.training.compile == case.tags["compile"]
         assert cfg.training.train_batch_size == case.batch_size and cfg.data.resolution == 64
     script = (REPO_ROOT / "bench" / "gpu.sh").read_text()
     assert "--cases gpu" in script and "--steps 25" in script and "bench report" in script
+    limits = [int(limit) for limit in re.findall(r"^timeout (\d+) ", script, re.M)]
+    assert len(limits) == 2 and sum(limits) <= 450  # the stages' limits leave the 8 minutes room to start up
+
+
+def test_gpu_script_runs_the_real_preset_with_and_without_auto_micro_batch(tiny_pipeline_dir, tmp_path):
+    cases = [c for c in gpu_cases(tiny_pipeline_dir, tmp_path, short=True, resolution=64) if c.group == "gpu-preset"]
+    preset = parse_args(["--config", str(REPO_ROOT / "configs" / "bk-sdm-tiny-naruto.yaml")])
+    out = ["--output_dir", str(tmp_path / "out")]
+    configs = {c.tags["auto_micro_batch"]: parse_args([*c.flags, *out]) for c in cases}
+    assert set(configs) == {True, False} and {c.batch_size for c in cases} == {4}
+    for auto, cfg in configs.items():
+        assert cfg.training.auto_micro_batch is auto
+        # The preset itself, on the local architecture and generated images instead of the Hub's.
+        assert cfg.model.pretrained_model_name_or_path == str(tiny_pipeline_dir) and not cfg.data.dataset_name
+        assert (cfg.training.train_batch_size, cfg.training.gradient_accumulation_steps) == (1, 4)
+        assert (cfg.data.resolution, cfg.training.mixed_precision, cfg.lora.rank) == (
+            preset.data.resolution,
+            preset.training.mixed_precision,
+            preset.lora.rank,
+        )
+        assert len(prepare_dataset(cfg.data, cfg.training.seed).rows) == 8  # the preset's columns are there
+    # Without the flag: the preset's layout before it (1 x 4 with checkpointing); with it, checkpointing is chosen.
+    assert configs[False].training.gradient_checkpointing and not configs[True].training.gradient_checkpointing
+
+
+def test_report_compares_the_real_preset_layouts():
+    def case(name, auto, step_s, peak, layout):
+        return {
+            "name": name,
+            "group": "gpu-preset",
+            "tags": {"auto_micro_batch": auto},
+            "step_s": step_s,
+            "peak_cuda_mib": peak,
+            "layout": dict(zip(LAYOUT_KEYS, layout, strict=True)),
+        }
+
+    cases = [
+        case("gpu-preset-1x4-checkpointing", False, 1.0, 4000.0, (1, 4, True, False)),
+        case("gpu-preset-auto", True, 0.5, 9000.0, (4, 1, False, True)),
+    ]
+    assert preset_lines(cases) == [
+        "- Real preset; `--auto_micro_batch` chose micro-batch 4 x 1, gradient checkpointing off: step time 0.50x, "
+        "peak GPU memory 2.25x those of micro-batch 1 x 4 with gradient checkpointing (same run)."
+    ]
+    assert layout_note(cases[0]) == "" and preset_lines(cases[:1]) == []
 
 
 @pytest.mark.slow

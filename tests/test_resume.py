@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import train_lora
 from lorakit.checkpoint import list_checkpoints
 from lorakit.config import parse_args
+from lorakit.run_state import upgrade_saved_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RUNNER = Path(__file__).resolve().parent / "fault_runner.py"
@@ -149,7 +150,17 @@ def test_resume_with_a_changed_batch_size_is_refused(tiny_pipeline_dir, tiny_dat
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert "train_batch_size: checkpoint 2, now 3" in err and "rank: checkpoint 4, now 8" in err
+    assert "effective_batch_size: checkpoint 2, now 3" in err and "rank: checkpoint 4, now 8" in err
+
+
+def test_a_checkpoint_written_before_steps_in_epoch_resumes_in_optimizer_steps():
+    """Older checkpoints counted batches of their train_batch_size and fingerprinted both batch flags."""
+    old = {"global_step": 3, "epoch": 0, "batches_in_epoch": 5, "loss_history": []}
+    old["fingerprint"] = {"data": "x", "train_batch_size": 1, "gradient_accumulation_steps": 2, "rank": 4}
+    upgraded = upgrade_saved_state(old)
+    assert upgraded["steps_in_epoch"] == 3  # the last step of the epoch took one batch: ceil(5 / 2)
+    assert upgraded["fingerprint"] == {"data": "x", "rank": 4, "effective_batch_size": 2}
+    assert upgrade_saved_state(upgraded) == upgraded
 
 
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(

@@ -272,7 +272,7 @@ def naruto_preset() -> str:
         ["dataset", f"`{data['dataset_name']}` at {data['resolution']} px"],
         ["LoRA", f"rank {lora['rank']}, alpha {lora['lora_alpha']}, on {', '.join(lora['target_modules'])}"],
         ["optimizer", f"AdamW, learning rate {_lr(t['learning_rate'])}, {t['lr_scheduler']} schedule"],
-        ["batch", f"{t['train_batch_size']} per step x {t['gradient_accumulation_steps']} accumulation steps"],
+        ["batch", _preset_batch(t)],
         ["epochs", str(t["num_train_epochs"])],
         ["precision", f"{t['mixed_precision']} (LoRA weights stay fp32)"],
         ["loss weighting", f"min-SNR, gamma {t['snr_gamma']:g}"],
@@ -281,6 +281,16 @@ def naruto_preset() -> str:
         ["output", f"`{p['output']['output_dir']}/`"],
     ]
     return _table(["setting", "value"], rows, align=["---", "---"])
+
+
+def _preset_batch(t: dict) -> str:
+    """A preset's batch: the flags' split, or with --auto_micro_batch the batch per step and how it is split."""
+    if not t.get("auto_micro_batch"):
+        return f"{t['train_batch_size']} per step x {t['gradient_accumulation_steps']} accumulation steps"
+    return (
+        f"{t['train_batch_size'] * t['gradient_accumulation_steps']} per optimizer step, as the largest micro-batch "
+        "that fits in memory (`--auto_micro_batch`; gradient checkpointing only if 1 does not fit)"
+    )
 
 
 def python_version() -> str:
