@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def parse_adapters(value: str, setting: str = "LORA_ADAPTERS") -> list[tuple[str
     for entry in (part.strip() for part in value.split(",")):
         if not entry:
             raise ValueError(f"{setting} has an empty entry in {value!r}: separate adapters with single commas.")
-        name, _, reference = entry.rpartition("=")
+        # Split at the first '=': a name never holds one, a folder path might.
+        name, _, reference = entry.partition("=") if "=" in entry else ("", "", entry)
         name, reference = name.strip(), reference.strip()
         if not reference:
             raise ValueError(f"{setting} entry {entry!r} has no adapter after '=': write name=user/adapter.")
@@ -155,7 +157,10 @@ def load_pipeline(
         raise ValueError(f"{base} loads as {type(pipe).__name__}, which cannot take a LoRA adapter.")
     weight_name = weight_name if weight_name is not None else os.environ.get("LORA_WEIGHT_NAME") or None
     for name, reference in adapters:
-        pipe.load_lora_weights(reference, adapter_name=name, weight_name=weight_name, use_safetensors=True)
+        with warnings.catch_warnings():
+            # peft warns on every adapter after the first that the model now holds several: here that is the point.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            pipe.load_lora_weights(reference, adapter_name=name, weight_name=weight_name, use_safetensors=True)
         embeds = learned_embeds_file(reference)
         if embeds is not None:
             attach_learned_words(pipe, load_file(embeds), name)
