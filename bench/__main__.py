@@ -1,4 +1,4 @@
-"""CLI: `python -m bench train|generate|report` (full mode by default, `--short` for CI)."""
+"""CLI: `python -m bench train|generate|space-adapters|report` (full mode by default, `--short` for CI)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--no-cold_start", dest="cold_start", action="store_false", help="Skip the Space cold-start measurement."
     )
-    for sub in (train, generate):
+    adapters = commands.add_parser(
+        "space-adapters",
+        help="The Space with several adapters: a request that switches adapters against one that does not, and "
+        "the process's memory with 1, 2 and 4 adapters.",
+    )
+    adapters.add_argument("--base", default=None, help="Base pipeline (default: the Space's default).")
+    adapters.add_argument("--adapter", default=None, help="The adapter to copy (default: the Space's default).")
+    adapters.add_argument("--steps", type=int, default=None, help="Sampler steps (default: the Space's default).")
+    adapters.add_argument("--device", default=None, choices=["cpu", "cuda"], help="Default: cuda when available.")
+    for sub in (train, generate, adapters):
         sub.add_argument("--note", default=None, help="A sentence stored with the results and shown in the docs.")
         sub.add_argument("--short", action="store_true", help="A few steps only (CI): checks the bench still runs.")
         sub.add_argument(
@@ -115,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             embedded=args.embedded,
             embedded_data=args.embedded_data,
         )
+    elif args.command == "space-adapters":
+        from bench.generate import default_models
+        from bench.space_adapters import run_space_adapters_bench
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        base, adapter = default_models(args.base, args.adapter, args.work_dir)
+        result = run_space_adapters_bench(base, adapter, device, args.steps, args.short, args.work_dir)
+        out = args.out or RESULTS_DIR / f"space-adapters-{suffix}.json"
+        write_results(out, "space-adapters", args.short, shown, {**result, "note": args.note}, machine)
     else:
         from bench.generate import default_models, run_generate_bench
 

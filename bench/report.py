@@ -360,7 +360,8 @@ def full_documents(results: Path = RESULTS_DIR) -> list[dict]:
 
     Training before generation, CPU before GPU: the page reads from the trainer to the demo.
     """
-    documents = [d for d in read_results(results) if d.get("mode") == "full"]
+    # Other kinds (space-adapters) are stored beside these but not rendered on this page.
+    documents = [d for d in read_results(results) if d.get("mode") == "full" and d["kind"] in ("train", "generate")]
     return sorted(documents, key=lambda d: (d["kind"] != "train", bool(d["machine"].get("gpu"))))
 
 

@@ -1,9 +1,11 @@
-"""Gradio Space: text to image with a LoRA adapter on a Stable-Diffusion-architecture base.
+"""Gradio Space: text to image with one or several LoRA adapters on a Stable-Diffusion-architecture base.
 
 Settings come from the environment (Space variables on the Hub):
 - BASE_MODEL: Hub id or local folder of the base pipeline (default: the repo's embedded pipeline if present).
 - LORA_ADAPTER: Hub id or local folder of the LoRA adapter (default: the repo's embedded demo adapter).
-- LORA_WEIGHT_NAME: optional file name of the adapter weights inside LORA_ADAPTER.
+- LORA_ADAPTERS: several adapters on the one base, comma-separated, each `name=reference` or `reference`
+  (e.g. `purple=embedded/demo_adapter,other=alice/lora`); a dropdown picks one per request. Wins over LORA_ADAPTER.
+- LORA_WEIGHT_NAME: optional file name of the adapter weights inside each adapter.
 
 This file imports pip packages only, so the folder deploys on its own.
 """
@@ -11,8 +13,10 @@ This file imports pip packages only, so the folder deploys on its own.
 from __future__ import annotations
 
 import os
+import re
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import diffusers
@@ -31,7 +35,9 @@ EMBEDDED_PIPELINE = EMBEDDED_DIR / "pipeline"
 EMBEDDED_ADAPTER = EMBEDDED_DIR / "demo_adapter"
 EMBEDDED_PROMPTS = EMBEDDED_DIR / "prompts" / "adapter.txt"
 HUB_DEFAULT_BASE = "nota-ai/bk-sdm-tiny"
-ADAPTER_NAME = "adapter"
+ADAPTER_NAME = "adapter"  # the adapter's name inside the pipeline when LORA_ADAPTER (one adapter) is used
+# An adapter name becomes a key of torch ModuleDicts inside every LoRA layer, which refuse dots; keep it simple.
+ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # Words the training run learned beside the LoRA (train_lora.py --train_token_embeddings): {word: vector}.
 LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"  # lorakit.filenames.LEARNED_EMBEDS_FILE (no lorakit import here)
 
@@ -79,6 +85,37 @@ def default_adapter() -> str:
     )
 
 
+def parse_adapters(value: str, setting: str = "LORA_ADAPTERS") -> list[tuple[str, str]]:
+    """`name=reference,reference,...` as [(name, reference)]; a name defaults to the reference's last part
+    (`alice/lora` -> `lora`). Names must be unique and plain (they name the dropdown entries and the API value)."""
+    adapters: list[tuple[str, str]] = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            raise ValueError(f"{setting} has an empty entry in {value!r}: separate adapters with single commas.")
+        # Split at the first '=': a name never holds one, a folder path might.
+        name, _, reference = entry.partition("=") if "=" in entry else ("", "", entry)
+        name, reference = name.strip(), reference.strip()
+        if not reference:
+            raise ValueError(f"{setting} entry {entry!r} has no adapter after '=': write name=user/adapter.")
+        name = name or Path(reference.rstrip("/\\")).name
+        if not ADAPTER_NAME_PATTERN.fullmatch(name):
+            raise ValueError(
+                f"{setting} entry {entry!r}: the name {name!r} must be letters, digits, '_' or '-' "
+                "(give one explicitly: name=reference)."
+            )
+        if name in (known for known, _ in adapters):
+            raise ValueError(f"{setting} names two adapters {name!r}: give each its own name (name=reference).")
+        adapters.append((name, reference))
+    return adapters
+
+
+def configured_adapters() -> list[tuple[str, str]]:
+    """[(name, reference)] from LORA_ADAPTERS, else the single LORA_ADAPTER (or the embedded demo) as ADAPTER_NAME."""
+    if os.environ.get("LORA_ADAPTERS", "").strip():
+        return parse_adapters(os.environ["LORA_ADAPTERS"])
+    return [(ADAPTER_NAME, default_adapter())]
+
+
 def pick_device() -> tuple[str, torch.dtype]:
     """CUDA, then MPS, then CPU; fp16 on accelerators, fp32 on CPU (fp16 matmuls are slow or missing there)."""
     if torch.cuda.is_available():
@@ -99,20 +136,38 @@ def check_reference(reference: str, setting: str) -> str:
 
 
 def load_pipeline(
-    base: str, adapter: str, device: str | None = None, weight_name: str | None = None
+    base: str,
+    adapter: str | Sequence[tuple[str, str]],
+    device: str | None = None,
+    weight_name: str | None = None,
 ) -> DiffusionPipeline:
-    """Load the base pipeline (safetensors only), attach the LoRA adapter and switch to DPM-Solver++."""
+    """Load the base pipeline once (safetensors only), attach each LoRA adapter once under its name, and switch
+    to DPM-Solver++. `adapter` is one reference (named ADAPTER_NAME) or [(name, reference)]; the first is the
+    default. `pipe.space_adapters` keeps the names in order."""
     check_reference(base, "BASE_MODEL")
-    check_reference(adapter, "LORA_ADAPTER")
+    adapters = [(ADAPTER_NAME, adapter)] if isinstance(adapter, str) else list(adapter)
+    if not adapters:
+        raise ValueError("No LoRA adapter given: set LORA_ADAPTER or LORA_ADAPTERS.")
+    setting = "LORA_ADAPTER" if isinstance(adapter, str) else "LORA_ADAPTERS"
+    for _, reference in adapters:
+        check_reference(reference, setting)
     device, dtype = pick_device() if device is None else (device, torch.float32 if device == "cpu" else torch.float16)
     pipe = DiffusionPipeline.from_pretrained(base, use_safetensors=True, **{_DTYPE_KWARG: dtype})
     if not hasattr(pipe, "load_lora_weights"):
         raise ValueError(f"{base} loads as {type(pipe).__name__}, which cannot take a LoRA adapter.")
     weight_name = weight_name if weight_name is not None else os.environ.get("LORA_WEIGHT_NAME") or None
-    pipe.load_lora_weights(adapter, adapter_name=ADAPTER_NAME, weight_name=weight_name, use_safetensors=True)
-    embeds = learned_embeds_file(adapter)
-    if embeds is not None:
-        attach_learned_words(pipe, load_file(embeds))
+    for name, reference in adapters:
+        with warnings.catch_warnings():
+            # peft warns on every adapter after the first that the model now holds several: here that is the point.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            pipe.load_lora_weights(reference, adapter_name=name, weight_name=weight_name, use_safetensors=True)
+        embeds = learned_embeds_file(reference)
+        if embeds is not None:
+            attach_learned_words(pipe, load_file(embeds), name)
+    pipe.space_adapters = [name for name, _ in adapters]
+    # The default state between requests: the first adapter at full strength, with its words.
+    pipe.set_adapters([adapters[0][0]], adapter_weights=[1.0])
+    use_learned_words(pipe, 1.0, adapters[0][0])
     # Multistep DPM-Solver++ reaches the quality of 50 DDIM/PNDM steps in about 20.
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
     pipe.set_progress_bar_config(disable=True)
@@ -135,32 +190,54 @@ def learned_embeds_file(adapter: str, api=None) -> str | None:
 
 
 @torch.no_grad()
-def attach_learned_words(pipe: DiffusionPipeline, embeds: dict[str, torch.Tensor]) -> None:
-    """Add the learned words with diffusers' `load_textual_inversion`, as the model card's snippet does: each word
-    becomes an added token carrying its learned vector. The word's base row is kept, so that LoRA scale 0 (and
-    "compare with base") gives the base model."""
+def attach_learned_words(
+    pipe: DiffusionPipeline, embeds: dict[str, torch.Tensor], adapter_name: str = ADAPTER_NAME
+) -> None:
+    """Add `adapter_name`'s learned words with diffusers' `load_textual_inversion`, as the model card's snippet
+    does: each word becomes an added token carrying its learned vector.
+
+    A tokenizer has one token per word, so two adapters that both learned "purple" cannot each add their own
+    "purple" token (diffusers refuses a token already in the vocabulary, and two spellings would change the
+    prompt's tokens against what the single adapter sees). Instead a word is added once, by the first adapter that
+    learned it, and every adapter keeps its own vector for it in `pipe.learned_word_rows[adapter][token_id]`;
+    `use_learned_words` writes the active adapter's vector into that one row per request, under the pipeline lock.
+    An adapter that did not learn the word gets the word's base row there, which is what the base tokenizer would
+    have looked up for it (the word is one base token, checked below), so its images are those of its own Space.
+    The base row is also what LoRA scale 0 and "compare with base" use."""
     table = pipe.text_encoder.get_input_embeddings().weight
-    base_rows = {}
+    added: dict[str, int] = getattr(pipe, "learned_word_ids", {})
+    base_rows: dict[int, torch.Tensor] = getattr(pipe, "learned_word_base_rows", {})
+    new_words = {}
     for word, vector in embeds.items():
+        if vector.numel() != table.shape[1]:
+            raise ValueError(f"Learned word '{word}' of adapter '{adapter_name}' does not fit this text encoder.")
+        if word in added:
+            continue
         ids = pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1 or vector.numel() != table.shape[1]:
-            raise ValueError(f"Learned word '{word}' does not fit this base model's text encoder.")
-        base_rows[word] = table[ids[0]].clone()
-    pipe.load_textual_inversion([{word: vector} for word, vector in embeds.items()], token=list(embeds))
-    table = pipe.text_encoder.get_input_embeddings().weight  # one row longer per word now
-    pipe.learned_word_rows = {
-        token_id: (base_rows[word].to(table), table[token_id].clone())
-        for word, token_id in zip(embeds, pipe.tokenizer.convert_tokens_to_ids(list(embeds)), strict=True)
-    }
+        if len(ids) != 1:
+            raise ValueError(f"Learned word '{word}' of adapter '{adapter_name}' does not fit this text encoder.")
+        new_words[word] = (ids[0], vector)
+    if new_words:
+        pipe.load_textual_inversion([{word: vector} for word, (_, vector) in new_words.items()], token=list(new_words))
+        for word, token_id in zip(new_words, pipe.tokenizer.convert_tokens_to_ids(list(new_words)), strict=True):
+            base_rows[token_id] = table[new_words[word][0]].clone()
+            added[word] = token_id
+    table = pipe.text_encoder.get_input_embeddings().weight  # one row longer per new word now
+    pipe.learned_word_ids, pipe.learned_word_base_rows = added, {k: v.to(table) for k, v in base_rows.items()}
+    rows: dict[str, dict[int, torch.Tensor]] = getattr(pipe, "learned_word_rows", {})
+    rows[adapter_name] = {added[word]: vector.reshape(-1).to(table) for word, vector in embeds.items()}
+    pipe.learned_word_rows = rows
 
 
 @torch.no_grad()
-def use_learned_words(pipe: DiffusionPipeline, scale: float) -> None:
-    """Learned words at the LoRA's scale: 0 gives the base model's rows (so scale 0 is the base model), 1 the
-    learned ones."""
+def use_learned_words(pipe: DiffusionPipeline, scale: float, adapter_name: str = ADAPTER_NAME) -> None:
+    """Every added word's row for `adapter_name` at the LoRA's scale: 0 gives the base model's rows (so scale 0 is
+    the base model), 1 the adapter's learned ones; a word this adapter did not learn gets its base row."""
     table = pipe.text_encoder.get_input_embeddings().weight
-    for token_id, (base_row, learned_row) in getattr(pipe, "learned_word_rows", {}).items():
-        table[token_id] = torch.lerp(base_row, learned_row, scale).to(table)
+    learned = getattr(pipe, "learned_word_rows", {}).get(adapter_name, {})
+    for token_id, base_row in getattr(pipe, "learned_word_base_rows", {}).items():
+        row = torch.lerp(base_row, learned[token_id], scale) if token_id in learned else base_row
+        table[token_id] = row.to(table)
 
 
 def randomize_seed(seed: int, randomize: bool) -> int:
@@ -231,29 +308,42 @@ def generate(
     compare_with_base: bool = False,
     pipe: DiffusionPipeline | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    adapter: str | None = None,
 ) -> list[Image.Image]:
-    """Images for `prompt`: [adapter] or, with `compare_with_base`, [base, adapter] from the same seed."""
+    """Images for `prompt` with `adapter` (default: the first one loaded): [adapter] or, with
+    `compare_with_base`, [base, adapter] from the same seed."""
     seed = validate_inputs(prompt, seed, steps, guidance, lora_scale)
     pipe = pipe if pipe is not None else get_pipeline()
+    names = adapter_names(pipe)
+    adapter = adapter or names[0]
+    if adapter not in names:
+        raise gr.Error(f"Unknown adapter {adapter!r}: choose one of {', '.join(names)}.")
     steps, guidance, lora_scale = int(steps), float(guidance), float(lora_scale)
     images, total = [], steps * (2 if compare_with_base else 1)
+    # The adapter choice, its scale and its words' rows are pipeline state: they are set and used inside one hold
+    # of the lock, so a request for another adapter running in parallel waits and never sees them half switched.
     with _PIPE_LOCK:
         try:
             if compare_with_base:
                 pipe.disable_lora()
-                use_learned_words(pipe, 0.0)
+                use_learned_words(pipe, 0.0, adapter)
                 images.append(_sample(pipe, prompt, negative_prompt, seed, steps, guidance, on_step, 0, total))
                 pipe.enable_lora()
-            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[lora_scale])
-            use_learned_words(pipe, lora_scale)
+            pipe.set_adapters([adapter], adapter_weights=[lora_scale])
+            use_learned_words(pipe, lora_scale, adapter)
             done = total - steps
             images.append(_sample(pipe, prompt, negative_prompt, seed, steps, guidance, on_step, done, total))
         finally:
             # Leave the shared pipeline in its default state whatever happened above.
             pipe.enable_lora()
-            use_learned_words(pipe, 1.0)
-            pipe.set_adapters([ADAPTER_NAME], adapter_weights=[1.0])
+            use_learned_words(pipe, 1.0, names[0])
+            pipe.set_adapters([names[0]], adapter_weights=[1.0])
     return images
+
+
+def adapter_names(pipe: DiffusionPipeline) -> list[str]:
+    """The adapters `load_pipeline` attached, the default first (ADAPTER_NAME for a pipeline built elsewhere)."""
+    return list(getattr(pipe, "space_adapters", None) or [ADAPTER_NAME])
 
 
 _PIPELINE: DiffusionPipeline | None = None
@@ -263,8 +353,14 @@ def get_pipeline() -> DiffusionPipeline:
     """The process-wide pipeline, loaded once from the environment settings."""
     global _PIPELINE
     if _PIPELINE is None:
-        _PIPELINE = load_pipeline(default_base(), default_adapter())
+        _PIPELINE = load_pipeline(default_base(), pipeline_adapters())
     return _PIPELINE
+
+
+def pipeline_adapters() -> str | list[tuple[str, str]]:
+    """What `load_pipeline` takes from the environment: LORA_ADAPTERS as a list, else the one LORA_ADAPTER."""
+    adapters = configured_adapters()
+    return adapters if os.environ.get("LORA_ADAPTERS", "").strip() else adapters[0][1]
 
 
 def display_name(reference: str) -> str:
@@ -288,14 +384,29 @@ def load_examples() -> list[str]:
     return list(FALLBACK_EXAMPLES)
 
 
-def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: str = "") -> gr.Blocks:
-    """The Blocks UI around `generate`; `pipe` defaults to the one loaded from the environment."""
+def build_demo(
+    pipe: DiffusionPipeline | None = None, base: str = "", adapter: str | Sequence[tuple[str, str]] = ""
+) -> gr.Blocks:
+    """The Blocks UI around `generate`; `pipe` defaults to the one loaded from the environment. `adapter` is
+    the one adapter's reference or [(name, reference)] for the header."""
     pipe = pipe if pipe is not None else get_pipeline()
     device = pipe.device.type
+    names = adapter_names(pipe)
 
     # Gradio finds the progress tracker by its default value, so the call in the signature is intended.
-    def run(prompt, negative_prompt, seed, randomize, steps, guidance, lora_scale, compare, progress=gr.Progress()):  # noqa: B008
-        """UI handler: pick the seed, warn about truncation, generate, report the seed used."""
+    def run(
+        prompt,
+        negative_prompt,
+        seed,
+        randomize,
+        steps,
+        guidance,
+        lora_scale,
+        compare,
+        adapter=names[0],
+        progress=gr.Progress(),  # noqa: B008
+    ):
+        """UI handler: pick the seed, warn about truncation, generate with the chosen adapter, report the seed."""
         if randomize:
             seed = randomize_seed(0, True)
         seed = validate_inputs(prompt, seed, steps, guidance, lora_scale)
@@ -313,18 +424,26 @@ def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: s
             compare_with_base=compare,
             pipe=pipe,
             on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"),
+            adapter=adapter,
         )
         info = f"Seed used: **{seed}**" + (f"\n\n⚠️ {notice}" if notice else "")
-        gallery = [(images[0], "base model"), (images[1], f"adapter (scale {lora_scale:g})")] if compare else []
+        label = f"adapter {adapter} (scale {lora_scale:g})" if len(names) > 1 else f"adapter (scale {lora_scale:g})"
+        gallery = [(images[0], "base model"), (images[1], label)] if compare else []
         return images[-1], gallery, seed, info
 
-    base_name, adapter_name = display_name(base or pipe.name_or_path), display_name(adapter or ADAPTER_NAME)
+    base_name = display_name(base or pipe.name_or_path)
+    if isinstance(adapter, str):
+        adapters_text = f"adapter: `{display_name(adapter or ADAPTER_NAME)}`"
+    else:
+        adapters_text = "adapters: " + ", ".join(f"`{name}` ({display_name(ref)})" for name, ref in adapter)
     with gr.Blocks(title="LoRA text-to-image") as demo:
-        gr.Markdown(
-            f"# LoRA text-to-image\nBase model: `{base_name}` · adapter: `{adapter_name}` · sampler: DPM-Solver++"
-        )
+        gr.Markdown(f"# LoRA text-to-image\nBase model: `{base_name}` · {adapters_text} · sampler: DPM-Solver++")
         if device == "cpu":
             gr.Markdown("ℹ️ Running on **CPU**: generation is slow for full-size models; use few steps.")
+        # One adapter: the dropdown stays hidden but still gives the API its `adapter` parameter and default.
+        adapter_choice = gr.Dropdown(
+            choices=names, value=names[0], label="Adapter", visible=len(names) > 1, interactive=True
+        )
         with gr.Row():
             prompt = gr.Textbox(label="Prompt", placeholder="a red circle on a white background", scale=4)
             run_button = gr.Button("Run", variant="primary", scale=1)
@@ -352,7 +471,8 @@ def build_demo(pipe: DiffusionPipeline | None = None, base: str = "", adapter: s
         gr.Examples(examples=[[text] for text in load_examples()], inputs=[prompt], label="Examples")
 
         compare.change(lambda on: gr.Gallery(visible=on), inputs=compare, outputs=gallery, api_name=False)
-        inputs = [prompt, negative_prompt, seed, randomize, steps, guidance, lora_scale, compare]
+        # The adapter comes last so positional API calls written for the single-adapter Space keep working.
+        inputs = [prompt, negative_prompt, seed, randomize, steps, guidance, lora_scale, compare, adapter_choice]
         gr.on(
             triggers=[run_button.click, prompt.submit],
             fn=run,
@@ -368,9 +488,9 @@ def main() -> None:
     """Load the pipeline from the environment settings and serve the demo."""
     global _PIPELINE
     try:
-        base, adapter = default_base(), default_adapter()
+        base, adapter = default_base(), pipeline_adapters()
         _PIPELINE = load_pipeline(base, adapter)
-    except (RuntimeError, FileNotFoundError) as error:
+    except (RuntimeError, FileNotFoundError, ValueError) as error:
         # A one-line reason in the Space logs instead of a traceback through gradio.
         raise SystemExit(f"error: {error}") from None
     demo = build_demo(_PIPELINE, base=base, adapter=adapter)

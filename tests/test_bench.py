@@ -258,6 +258,28 @@ def test_generate_short_uses_the_space_code_and_measures_cold_start(tiny_pipelin
     assert 0 < cold["serving_s"] < cold["first_image_s"]
 
 
+@pytest.mark.slow
+def test_generate_with_several_space_adapters_short_times_switching_and_memory(tiny_pipeline_dir, tmp_path):
+    """`python -m bench space-adapters --short` on the tiny pipeline: both request kinds timed, 1, 2 and 4 adapters."""
+    from test_space import make_tiny_adapter
+
+    adapter = make_tiny_adapter(tiny_pipeline_dir, tmp_path / "adapter")
+    out = tmp_path / "space-adapters.json"
+    argv = ["space-adapters", "--short", "--base", str(tiny_pipeline_dir), "--adapter", str(adapter)]
+    assert bench_main([*argv, "--device", "cpu", "--work_dir", str(tmp_path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kind"] == "space-adapters" and result["mode"] == "short"
+    switching = result["switching"]
+    assert switching["same_adapter_request_s"] > 0 and switching["switching_request_s"] > 0
+    assert switching["switching_over_same"] == pytest.approx(
+        switching["switching_request_s"] / switching["same_adapter_request_s"]
+    )
+    assert switching["switching_request_min_s"] <= switching["switching_request_s"]
+    assert [row["adapters"] for row in result["memory"]] == [1, 2, 4]
+    assert all(row["rss_mib"] > 100 for row in result["memory"])  # torch alone is more: the Space really ran
+    assert result["machine"]["load_average_1min_at_end"] >= 0
+
+
 def test_window_averages_only_the_requested_steps():
     timer = StepStampTimer()
     timer.loop_started_at = 10.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -65,6 +66,29 @@ def demo_models(tmp_path_factory) -> tuple[str, str]:
 
         base = make_tiny_pipeline(tmp_path_factory.mktemp("space_base"))
     return str(base), str(make_tiny_adapter(base, tmp_path_factory.mktemp("space_adapter")))
+
+
+def make_variant_adapter(adapter_dir: str | Path, out_dir: Path, seed: int = 1, words: bool = True) -> Path:
+    """A second adapter for the same base, made deterministically: every LoRA tensor of `adapter_dir` nudged by
+    seeded noise of its own spread, and (with `words`) the same learned words with other vectors, so that the two
+    adapters share a word, as two adapters trained for one concept would."""
+    from safetensors.torch import load_file, save_file
+
+    source = Path(adapter_dir)
+    generator = torch.Generator().manual_seed(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora = load_file(source / "pytorch_lora_weights.safetensors")
+    nudged = {key: value + value.std() * torch.randn(value.shape, generator=generator) for key, value in lora.items()}
+    save_file(nudged, str(out_dir / "pytorch_lora_weights.safetensors"))
+    embeds = source / "learned_embeds.safetensors"
+    if words and embeds.is_file():
+        learned = load_file(embeds)
+        other = {
+            word: vector.norm() * torch.nn.functional.normalize(torch.randn(vector.shape, generator=generator), dim=-1)
+            for word, vector in learned.items()
+        }
+        save_file(other, str(out_dir / "learned_embeds.safetensors"))
+    return out_dir
 
 
 def pixels(image) -> np.ndarray:
@@ -320,11 +344,157 @@ def test_demo_exposes_generate_api(app, pipe):
     assert demo._queue.max_size == app.QUEUE_MAX_SIZE
 
 
+# ---- several adapters on one base (LORA_ADAPTERS) ----
+
+
+def test_lora_adapters_parse_names_and_default_names(app):
+    parsed = app.parse_adapters(" purple = embedded/demo_adapter , alice/lora,./runs/my-style/ ,x=/abs/path=odd")
+    assert parsed == [
+        ("purple", "embedded/demo_adapter"),
+        ("lora", "alice/lora"),  # a name defaults to the reference's last part
+        ("my-style", "./runs/my-style/"),
+        ("x", "/abs/path=odd"),  # split at the first '=': a folder may hold one, a name cannot
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "LORA_ADAPTERS has an empty entry"),
+        ("a/b,,c/d", "LORA_ADAPTERS has an empty entry"),
+        ("a/b,", "LORA_ADAPTERS has an empty entry"),
+        ("purple=", "LORA_ADAPTERS entry 'purple=' has no adapter"),
+        ("one/lora,two/lora", "LORA_ADAPTERS names two adapters 'lora'"),
+        ("my.style=alice/lora", "LORA_ADAPTERS entry 'my.style=alice/lora': the name 'my.style' must be"),
+        ("alice/lora.v2", "LORA_ADAPTERS entry 'alice/lora.v2': the name 'lora.v2' must be"),
+    ],
+)
+def test_lora_adapters_bad_entries_name_the_variable(app, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        app.parse_adapters(value)
+
+
+def test_lora_adapters_wins_over_lora_adapter_and_single_path_is_unchanged(app, monkeypatch):
+    for key in ("LORA_ADAPTERS", "LORA_ADAPTER"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LORA_ADAPTER", "someone/adapter")
+    # One adapter: the same reference string as before, loaded under ADAPTER_NAME.
+    assert app.configured_adapters() == [(app.ADAPTER_NAME, "someone/adapter")]
+    assert app.pipeline_adapters() == "someone/adapter"
+    monkeypatch.setenv("LORA_ADAPTERS", "a=alice/one,bob/two")
+    assert app.configured_adapters() == [("a", "alice/one"), ("two", "bob/two")]
+    assert app.pipeline_adapters() == [("a", "alice/one"), ("two", "bob/two")]
+
+
+def test_main_exits_with_one_line_reason_on_bad_lora_adapters(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_ADAPTERS", "purple=")
+    with pytest.raises(SystemExit, match="error: LORA_ADAPTERS entry 'purple=' has no adapter"):
+        app.main()
+    monkeypatch.setenv("LORA_ADAPTERS", f"gone={tmp_path / 'missing'}")
+    with pytest.raises(SystemExit, match="error: LORA_ADAPTERS .*missing.* does not exist"):
+        app.main()
+
+
+@pytest.fixture(scope="module")
+def variant_adapters(models, tmp_path_factory) -> tuple[str, str]:
+    """A second adapter sharing the demo's learned word with another vector, and a third that learned no word."""
+    second = make_variant_adapter(models[1], tmp_path_factory.mktemp("variant") / "demo_adapter_variant", seed=1)
+    wordless = make_variant_adapter(models[1], tmp_path_factory.mktemp("wordless") / "wordless", seed=2, words=False)
+    return str(second), str(wordless)
+
+
+@pytest.fixture(scope="module")
+def multi_pipe(app, models, variant_adapters):
+    first, (second, wordless) = models[1], variant_adapters
+    return app.load_pipeline(models[0], [("first", first), ("second", second), ("wordless", wordless)], device="cpu")
+
+
+def test_several_adapters_load_once_on_one_base_and_each_matches_its_own_space(
+    app, models, multi_pipe, variant_adapters
+):
+    assert multi_pipe.space_adapters == ["first", "second", "wordless"]
+    assert set(multi_pipe.get_list_adapters()["unet"]) == {"first", "second", "wordless"}
+    prompt, seed = "a purple star on a white background", 4
+    for name, reference in zip(multi_pipe.space_adapters, [models[1], *variant_adapters], strict=True):
+        single = app.load_pipeline(models[0], reference, device="cpu")
+        expected = app.generate(prompt, seed=seed, steps=FAST_STEPS, pipe=single)[0]
+        served = app.generate(prompt, seed=seed, steps=FAST_STEPS, pipe=multi_pipe, adapter=name)[0]
+        assert np.array_equal(pixels(served), pixels(expected)), name
+        # Scale 0 and "compare with base" are the base model whatever the adapter (its words back at base rows).
+        base, adapted = app.generate(
+            prompt, seed=seed, steps=FAST_STEPS, compare_with_base=True, pipe=multi_pipe, adapter=name
+        )
+        assert np.array_equal(pixels(adapted), pixels(expected))
+        assert np.array_equal(pixels(base), pixels(plain_base_image(models[0], prompt, seed, app.DEFAULT_GUIDANCE)))
+    first, second = (
+        app.generate(prompt, seed=seed, steps=FAST_STEPS, pipe=multi_pipe, adapter=name)[0]
+        for name in ("first", "second")
+    )
+    assert not np.array_equal(pixels(first), pixels(second)), "the fixture's two adapters should draw differently"
+
+
+def test_shared_learned_word_is_one_token_with_a_row_per_adapter(app, models, multi_pipe, variant_adapters):
+    from safetensors.torch import load_file
+
+    words = {
+        name: load_file(Path(ref) / app.LEARNED_EMBEDS_FILE)
+        for name, ref in (("first", models[1]), ("second", variant_adapters[0]))
+        if (Path(ref) / app.LEARNED_EMBEDS_FILE).is_file()
+    }
+    if not words:
+        pytest.skip("the demo adapter learned no word")
+    table = multi_pipe.text_encoder.get_input_embeddings().weight
+    for word in words["first"]:
+        (token_id,) = multi_pipe.tokenizer(word, add_special_tokens=False)["input_ids"]
+        assert token_id == multi_pipe.learned_word_ids[word]  # added once, not once per adapter
+        assert not torch.equal(words["first"][word], words["second"][word])
+        # Between requests the default (first) adapter's vector is in place, whichever adapter ran last.
+        app.generate("a purple circle", seed=0, steps=1, pipe=multi_pipe, adapter="second")
+        assert torch.equal(table[token_id], words["first"][word])
+        assert multi_pipe.get_active_adapters() == ["first"]
+        app.use_learned_words(multi_pipe, 1.0, "second")
+        assert torch.equal(table[token_id], words["second"][word])
+        app.use_learned_words(multi_pipe, 1.0, "wordless")
+        assert torch.equal(table[token_id], multi_pipe.learned_word_base_rows[token_id])
+        app.use_learned_words(multi_pipe, 1.0, "first")
+
+
+def test_unknown_adapter_is_a_clear_error_and_default_is_the_first(app, multi_pipe, pipe):
+    with pytest.raises(gr.Error, match="Unknown adapter 'nope': choose one of first, second, wordless"):
+        app.generate("a red circle", seed=0, steps=1, pipe=multi_pipe, adapter="nope")
+    default = app.generate("a red circle", seed=6, steps=FAST_STEPS, pipe=multi_pipe)[0]
+    first = app.generate("a red circle", seed=6, steps=FAST_STEPS, pipe=multi_pipe, adapter="first")[0]
+    assert np.array_equal(pixels(default), pixels(first))
+    # A single-adapter pipeline answers to ADAPTER_NAME, and to no adapter at all, as before.
+    assert app.adapter_names(pipe) == [app.ADAPTER_NAME]
+    with pytest.raises(gr.Error, match="Unknown adapter"):
+        app.generate("a red circle", seed=0, steps=1, pipe=pipe, adapter="first")
+
+
+def api_parameters(demo: gr.Blocks) -> list[dict]:
+    return demo.get_api_info()["named_endpoints"]["/generate"]["parameters"]
+
+
+def test_dropdown_lists_the_adapters_and_the_api_takes_adapter_last_with_a_default(app, multi_pipe, pipe, models):
+    multi = app.build_demo(multi_pipe, base="base", adapter=[("first", models[1]), ("second", "alice/lora")])
+    (dropdown,) = [block for block in multi.blocks.values() if isinstance(block, gr.Dropdown)]
+    assert dropdown.visible and dropdown.value == "first" and dropdown.label == "Adapter"
+    assert [choice[1] for choice in dropdown.choices] == ["first", "second", "wordless"]
+    parameters = api_parameters(multi)
+    assert parameters[-1]["parameter_name"] == "adapter" and parameters[-1]["parameter_default"] == "first"
+    assert [p["parameter_name"] for p in parameters if not p["parameter_has_default"]] == ["prompt"]
+    single = app.build_demo(pipe, base="base", adapter="adapter")
+    (hidden,) = [block for block in single.blocks.values() if isinstance(block, gr.Dropdown)]
+    assert not hidden.visible and hidden.value == app.ADAPTER_NAME
+    single_names = [p["parameter_name"] for p in api_parameters(single)]
+    assert single_names[:8] == [p["parameter_name"] for p in parameters][:8] and single_names[-1] == "adapter"
+
+
 # ---- the folder deploys on its own ----
 
 ALLOWED_IMPORTS = {
     "__future__", "argparse", "collections", "importlib", "os", "pathlib", "re", "shutil", "sys", "tempfile",
-    "threading", "typing",
+    "threading", "typing", "warnings",
     # pip packages, each listed in space/requirements.txt
     "diffusers", "gradio", "huggingface_hub", "numpy", "packaging", "PIL", "safetensors", "torch",
 }  # fmt: skip

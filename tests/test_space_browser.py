@@ -17,8 +17,17 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from test_space import EMBEDDED_ADAPTER, EMBEDDED_PIPELINE, REPO_ROOT, demo_models, load_space_module, pixels
+from test_space import (
+    EMBEDDED_ADAPTER,
+    EMBEDDED_PIPELINE,
+    REPO_ROOT,
+    demo_models,
+    load_space_module,
+    make_variant_adapter,
+    pixels,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -55,9 +64,8 @@ def models(tmp_path_factory) -> tuple[str, str]:
     return demo_models(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def server(models, tmp_path_factory):
-    """Start the app exactly as a user does, `python space/app.py`, on a free local port."""
+def serve_space(settings: dict[str, str], tmp_path_factory):
+    """Start the app exactly as a user does, `python space/app.py`, on a free local port; yield its URL."""
     port = free_port()
     env = {
         **os.environ,
@@ -68,12 +76,9 @@ def server(models, tmp_path_factory):
         "OMP_NUM_THREADS": "1",
         "CUDA_VISIBLE_DEVICES": "",
     }
-    # With the embedded default committed, run with no settings at all, as `python space/app.py` would.
-    embedded = (str(EMBEDDED_PIPELINE), str(EMBEDDED_ADAPTER)) == models
-    for key in ("BASE_MODEL", "LORA_ADAPTER", "LORA_WEIGHT_NAME"):
+    for key in ("BASE_MODEL", "LORA_ADAPTER", "LORA_ADAPTERS", "LORA_WEIGHT_NAME"):
         env.pop(key, None)
-    if not embedded:
-        env.update(BASE_MODEL=models[0], LORA_ADAPTER=models[1])
+    env.update(settings)
     log_path = tmp_path_factory.mktemp("space_server") / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -93,6 +98,34 @@ def server(models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def server(models, tmp_path_factory):
+    # With the embedded default committed, run with no settings at all, as `python space/app.py` would.
+    embedded = (str(EMBEDDED_PIPELINE), str(EMBEDDED_ADAPTER)) == models
+    yield from serve_space({} if embedded else {"BASE_MODEL": models[0], "LORA_ADAPTER": models[1]}, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def adapters(models, tmp_path_factory) -> dict[str, str]:
+    """Two adapters for one base: the demo and a deterministic variant that learned the same word differently."""
+    variant = make_variant_adapter(models[1], tmp_path_factory.mktemp("variant") / "demo_adapter_variant")
+    return {"purple": models[1], "purple-variant": str(variant)}
+
+
+@pytest.fixture(scope="module")
+def multi_server(models, adapters, tmp_path_factory):
+    """The Space serving both adapters: LORA_ADAPTERS=purple=<demo>,purple-variant=<variant>."""
+    setting = ",".join(f"{name}={reference}" for name, reference in adapters.items())
+    yield from serve_space({"BASE_MODEL": models[0], "LORA_ADAPTERS": setting}, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def multi_client(multi_server):
+    from gradio_client import Client
+
+    return Client(multi_server, verbose=False)
+
+
+@pytest.fixture(scope="module")
 def client(server):
     from gradio_client import Client
 
@@ -100,8 +133,9 @@ def client(server):
 
 
 def predict(client, prompt: str, seed: int = 0, steps: int = FAST_STEPS, compare: bool = False, **overrides):
-    """Call /generate in the UI's argument order (randomize off so the seed is used)."""
+    """Call /generate in the UI's argument order (randomize off so the seed is used); `adapter=` is appended last."""
     arguments = {"negative_prompt": "", "guidance": 5.0, "lora_scale": 1.0, **overrides}
+    adapter = [arguments["adapter"]] if "adapter" in arguments else []
     return client.predict(
         prompt,
         arguments["negative_prompt"],
@@ -111,6 +145,7 @@ def predict(client, prompt: str, seed: int = 0, steps: int = FAST_STEPS, compare
         arguments["guidance"],
         arguments["lora_scale"],
         compare,
+        *adapter,
         api_name="/generate",
     )
 
@@ -178,7 +213,44 @@ def test_invalid_inputs_return_errors_and_server_keeps_serving(client, overrides
     assert Path(image_path).is_file()
 
 
-def test_browser_types_prompt_clicks_and_sees_a_non_blank_image(server):
+def test_parallel_requests_for_two_adapters_never_mix(multi_client, models, adapters):
+    """8 requests at once alternating the adapters: each image is the one the single-adapter Space draws."""
+    app = load_space_module("app")
+    names = list(adapters)
+    jobs = [(names[index % 2], f"a purple star on a white background {index}", index) for index in range(8)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(predict, multi_client, prompt, seed=seed, adapter=name) for name, prompt, seed in jobs]
+        served = [future.result(timeout=300) for future in futures]
+    assert [result[2] for result in served] == [seed for _, _, seed in jobs]
+    # The references: one pipeline per adapter loaded alone, as `LORA_ADAPTER=<adapter>` would, on one thread as
+    # the server runs (OMP_NUM_THREADS=1), so the arithmetic is the same.
+    singles = {name: app.load_pipeline(models[0], reference, device="cpu") for name, reference in adapters.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for (name, prompt, seed), result in zip(jobs, served, strict=True):
+            expected = app.generate(prompt, "", seed, FAST_STEPS, 5.0, 1.0, pipe=singles[name])[0]
+            difference = np.abs(pixels(Image.open(result[0])) - pixels(expected)).max()
+            assert difference < 1.0, f"request {seed} ({name}) differs from its single-adapter image by {difference}"
+        other = app.generate(jobs[0][1], "", jobs[0][2], FAST_STEPS, 5.0, 1.0, pipe=singles[names[1]])[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert np.abs(pixels(Image.open(served[0][0])) - pixels(other)).max() >= 1.0, "the adapters should differ"
+
+
+def test_multi_adapter_space_keeps_the_single_adapter_api(multi_client):
+    """The prompt alone still works (the first adapter), and positional calls without the adapter too."""
+    image_path, gallery, seed_used, _ = multi_client.predict(
+        "a purple star on a white background", api_name="/generate"
+    )
+    assert Image.open(image_path).size[0] > 0 and gallery == []
+    _, gallery, _, _ = predict(multi_client, "a blue square", seed=4, compare=True, adapter="purple-variant")
+    assert len(gallery) == 2 and "purple-variant" in gallery[1]["caption"]
+    parameters = multi_client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]
+    assert parameters["parameters"][-1]["parameter_name"] == "adapter"
+
+
+def test_browser_types_prompt_clicks_and_sees_a_non_blank_image(multi_server):
     from playwright.sync_api import sync_playwright
 
     args = [
@@ -198,9 +270,11 @@ def test_browser_types_prompt_clicks_and_sees_a_non_blank_image(server):
             raise AssertionError(f"{hint} ({error})") from error
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.goto(server, wait_until="domcontentloaded", timeout=60_000)
+            page.goto(multi_server, wait_until="domcontentloaded", timeout=60_000)
             page.get_by_label("Prompt").fill("a purple star on a white background")
             assert page.locator("#result img").count() == 0, "no image before the first run"
+            # Pick the second adapter in the dropdown, draw, then back to the first: both are served from the page.
+            choose_adapter(page, "purple-variant")
             page.get_by_role("button", name="Run", exact=True).click()
             image = page.locator("#result img").first
             image.wait_for(state="visible", timeout=60_000)
@@ -209,6 +283,12 @@ def test_browser_types_prompt_clicks_and_sees_a_non_blank_image(server):
             )
             page.wait_for_function(loaded, timeout=30_000)
             page.get_by_text("Seed used:").wait_for(timeout=30_000)
+            first_source = image.get_attribute("src")
+            choose_adapter(page, "purple")
+            page.get_by_role("button", name="Run", exact=True).click()
+            changed = "(old) => { const i = document.querySelector('#result img'); return i && i.src !== old; }"
+            page.wait_for_function(changed, arg=first_source, timeout=60_000)
+            page.wait_for_function(loaded, timeout=30_000)
             shot = np.asarray(Image.open(io.BytesIO(image.screenshot())).convert("RGB"), dtype=np.float32)
             assert shot.size > 0 and shot.var() > 0, "the image element is blank"
             if os.environ.get("UPDATE_DOCS_IMAGES") == "1":
@@ -216,6 +296,13 @@ def test_browser_types_prompt_clicks_and_sees_a_non_blank_image(server):
                 page.screenshot(path=str(SCREENSHOT), full_page=True)
         finally:
             browser.close()
+
+
+def choose_adapter(page, name: str) -> None:
+    """Open the Adapter dropdown and click the entry `name`."""
+    page.get_by_label("Adapter").click()
+    page.get_by_role("option", name=name, exact=True).click()
+    assert page.get_by_label("Adapter").input_value() == name
 
 
 def test_long_prompt_is_served_with_a_visible_truncation_notice(client):
