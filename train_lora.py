@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -38,6 +38,7 @@ from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
 from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
 from lorakit.params import count_parameters
+from lorakit.precision import check_precision_fits, precision_source
 from lorakit.run_state import (
     StopRequest,
     TrainingDivergedError,
@@ -102,6 +103,8 @@ def preflight(cfg: TrainConfig) -> None:
         )
     if cfg.lora.train_token_embeddings:
         word_token_ids(load_tokenizer(cfg.model), cfg.lora.train_token_embeddings)
+    if cfg.training.mixed_precision == "fp16":  # PartialState: the device accelerate will use
+        check_precision_fits("fp16", PartialState().device.type, precision_source("fp16"))
 
 
 def check_processes(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -151,6 +154,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
     preflight(cfg)
     data = prepare_dataset(cfg.data, cfg.training.seed)
     accelerator = make_accelerator(cfg)
+    # accelerate may have taken its precision from the launch line or its config file: check what it uses.
+    check_precision_fits(
+        accelerator.mixed_precision, accelerator.device.type, precision_source(cfg.training.mixed_precision)
+    )
     check_processes(cfg, accelerator)
     set_seed(cfg.training.seed)
     stop = StopRequest()
