@@ -38,7 +38,7 @@ from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
 from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
 from lorakit.params import count_parameters
-from lorakit.precision import check_precision_fits, precision_source
+from lorakit.precision import PrecisionChoice, check_precision_fits, choose_precision, requested_choice
 from lorakit.run_state import (
     StopRequest,
     TrainingDivergedError,
@@ -104,7 +104,7 @@ def preflight(cfg: TrainConfig) -> None:
     if cfg.lora.train_token_embeddings:
         word_token_ids(load_tokenizer(cfg.model), cfg.lora.train_token_embeddings)
     if cfg.training.mixed_precision == "fp16":  # PartialState: the device accelerate will use
-        check_precision_fits("fp16", PartialState().device.type, precision_source("fp16"))
+        check_precision_fits("fp16", PartialState().device.type, requested_choice("fp16").reason)
 
 
 def check_processes(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -116,12 +116,12 @@ def check_processes(cfg: TrainConfig, accelerator: Accelerator) -> None:
         )
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Precision, accumulation and trackers; mixed precision left to accelerate unless the flag sets it."""
+def make_accelerator(cfg: TrainConfig, mixed_precision: str | None) -> Accelerator:
+    """Precision, accumulation and trackers; mixed precision (resolved when `auto`) left to accelerate when None."""
     output_dir = Path(cfg.output.output_dir)
     return Accelerator(
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        mixed_precision=cfg.training.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=None if cfg.training.report_to == "none" else cfg.training.report_to,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / cfg.output.logging_dir)
@@ -129,6 +129,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # A seedable sampler makes the shuffled order a function of (seed, epoch): resume can skip batches exactly.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.training.seed),
     )
+
+
+def accelerator_in_precision(cfg: TrainConfig) -> tuple[Accelerator, PrecisionChoice]:
+    """The Accelerator built in the run's precision (`auto` decided first), and how that precision was chosen."""
+    choice = choose_precision(cfg, PartialState())
+    accelerator = make_accelerator(cfg, choice.mixed_precision)
+    # accelerate may have taken its precision from the launch line or its config file: check what it uses.
+    check_precision_fits(accelerator.mixed_precision, accelerator.device.type, choice.reason)
+    accelerator.print(f"Mixed precision {accelerator.mixed_precision} ({choice.reason}).")
+    return accelerator, PrecisionChoice(accelerator.mixed_precision, choice.reason)
 
 
 def make_dataloader(cfg: TrainConfig, dataset: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
@@ -153,11 +163,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
     command = outputs.launch_command(argv)
     preflight(cfg)
     data = prepare_dataset(cfg.data, cfg.training.seed)
-    accelerator = make_accelerator(cfg)
-    # accelerate may have taken its precision from the launch line or its config file: check what it uses.
-    check_precision_fits(
-        accelerator.mixed_precision, accelerator.device.type, precision_source(cfg.training.mixed_precision)
-    )
+    accelerator, precision = accelerator_in_precision(cfg)  # `auto` may probe the UNet: after the data checks
     check_processes(cfg, accelerator)
     set_seed(cfg.training.seed)
     stop = StopRequest()
@@ -172,7 +178,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
             f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)."
         )
         train_loop(cfg, accelerator, run, state, stop, timer, command)
-        out = write_outputs(cfg, accelerator, run, state, len(data.rows), started, command)
+        out = write_outputs(cfg, accelerator, run, state, len(data.rows), started, command, precision)
         accelerator.end_training()
         publish(cfg, accelerator, out)
         unwrap = accelerator.unwrap_model
@@ -372,6 +378,7 @@ def write_outputs(
     num_samples: int,
     started: float,
     command: str,
+    precision: PrecisionChoice,
 ) -> Path:
     """Save the adapter and everything the card, docs and Hub need (main process), each file atomically."""
     out = Path(cfg.output.output_dir)
@@ -401,6 +408,7 @@ def write_outputs(
         final_loss=state.loss_history[-1]["loss"] if state.loss_history else None,
         command=command,
         mixed_precision=accelerator.mixed_precision,
+        precision_choice=precision.reason,
         num_processes=accelerator.num_processes,
         learned_words=list(cfg.lora.train_token_embeddings),
         validation=validation,
