@@ -17,6 +17,7 @@ from lorakit.config import parse_args
 from lorakit.precision import DeviceFacts, ProbeTimings, cpu_bf16_flags, decide_precision, needs_probe
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
+REPO_ROOT = Path(__file__).resolve().parent.parent
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 works on a CUDA GPU")
 
 AMPERE = DeviceFacts("cuda", "NVIDIA A100", True, "compute capability 8.0")
@@ -177,3 +178,10 @@ def test_resume_with_auto_keeps_the_checkpoints_precision(monkeypatch, tiny_pipe
     assert result.state.global_step == 4
     assert summary(out)["mixed_precision"] == "bf16"
     assert summary(out)["precision_choice"] == "checkpoint: checkpoint-2 was trained in bf16"
+
+
+@pytest.mark.parametrize("preset", ["shapes.yaml", "bk-sdm-tiny-naruto.yaml"])
+def test_presets_leave_the_precision_to_auto(preset):
+    # The naruto preset said fp16, which crashed on a CPU at the first step; auto never picks fp16 on a CPU.
+    cfg = parse_args(["--config", str(REPO_ROOT / "configs" / preset)])
+    assert cfg.training.mixed_precision == "auto"
