@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -38,7 +38,13 @@ from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
 from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
 from lorakit.params import count_parameters
-from lorakit.precision import PrecisionChoice, check_precision_fits, choose_precision, requested_choice
+from lorakit.precision import (
+    PrecisionChoice,
+    check_precision_fits,
+    choose_precision,
+    process_state,
+    requested_choice,
+)
 from lorakit.run_state import (
     StopRequest,
     TrainingDivergedError,
@@ -103,8 +109,8 @@ def preflight(cfg: TrainConfig) -> None:
         )
     if cfg.lora.train_token_embeddings:
         word_token_ids(load_tokenizer(cfg.model), cfg.lora.train_token_embeddings)
-    if cfg.training.mixed_precision == "fp16":  # PartialState: the device accelerate will use
-        check_precision_fits("fp16", PartialState().device.type, requested_choice("fp16").reason)
+    if cfg.training.mixed_precision == "fp16":  # the device accelerate will use, known before any data is read
+        check_precision_fits("fp16", process_state().device.type, requested_choice("fp16").reason)
 
 
 def check_processes(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -133,7 +139,7 @@ def make_accelerator(cfg: TrainConfig, mixed_precision: str | None) -> Accelerat
 
 def accelerator_in_precision(cfg: TrainConfig) -> tuple[Accelerator, PrecisionChoice]:
     """The Accelerator built in the run's precision (`auto` decided first), and how that precision was chosen."""
-    choice = choose_precision(cfg, PartialState())
+    choice = choose_precision(cfg, process_state())
     accelerator = make_accelerator(cfg, choice.mixed_precision)
     # accelerate may have taken its precision from the launch line or its config file: check what it uses.
     check_precision_fits(accelerator.mixed_precision, accelerator.device.type, choice.reason)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 
@@ -78,6 +78,12 @@ class ProbeTimings:
     @property
     def bf16_speedup(self) -> float:
         return self.fp32_seconds / self.bf16_seconds
+
+
+def process_state() -> PartialState:
+    """accelerate's process state, built before the Accelerator exactly as the Accelerator would build it:
+    AcceleratorState reads ACCELERATE_USE_CPU (CPU DDP) and passes it on, PartialState alone does not."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def requested_choice(requested: str | None) -> PrecisionChoice:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,6 +153,7 @@ def test_auto_builds_the_accelerator_in_the_precision_it_chose(
     assert summary(out)["precision_choice"] == decide_precision(CPU_BF16, timings).reason
 
 
+@cpu_only
 def test_auto_on_this_cpu_records_a_concrete_precision_and_why(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, capsys):
     out = tmp_path / "out"
     flags = tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--mixed_precision", "auto")
@@ -185,3 +189,29 @@ def test_presets_leave_the_precision_to_auto(preset):
     # The naruto preset said fp16, which crashed on a CPU at the first step; auto never picks fp16 on a CPU.
     cfg = parse_args(["--config", str(REPO_ROOT / "configs" / preset)])
     assert cfg.training.mixed_precision == "auto"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_on_a_cuda_gpu_follows_its_bf16_support(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    flags = tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--mixed_precision", "auto")
+    train_lora.train(parse_args([*flags, "--max_train_steps", "1"]))
+    expected = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    assert summary(out)["mixed_precision"] == expected and summary(out)["precision_choice"].startswith("GPU: ")
+
+
+@pytest.mark.slow
+def test_two_processes_train_in_the_precision_the_main_process_chose(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    out = tmp_path / "out"
+    # DDP on CPU (gloo), as the README documents; the main process decides, the other receives its choice.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--dynamo_backend", "no"]  # fmt: skip
+    flags = tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--mixed_precision", "auto")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [*launcher, str(REPO_ROOT / "train_lora.py"), *flags, "--max_train_steps", "2"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    recorded = summary(out)
+    assert recorded["num_processes"] == 2 and recorded["global_step"] == 2
+    assert recorded["mixed_precision"] in ("no", "bf16") and recorded["precision_choice"]
+    assert completed.stdout.count("Mixed precision ") == 1  # printed once, by the main process
