@@ -11,10 +11,11 @@ the frozen weights are cast to fp16 and the first UNet matmul fails ("mat1 and m
 - CPU without native bf16: no (fp32); bf16 would be emulated in fp32 arithmetic plus conversions.
 - CPU with native bf16: a probe times the run's own UNet step in fp32 and under bf16 autocast, interleaved,
   and bf16 is chosen when it is at least `BF16_MIN_SPEEDUP` times faster in the best passes and in every
-  fp32/bf16 pair: on a machine busy with other work one precision's passes can all be slowed, and fp32, which
-  rounds nothing, is the safe side of a doubtful measurement. No fixed rule fits: on an AMX CPU bf16 speeds up
-  the BK-SDM-Tiny architecture and slows down the tiny embedded UNet, whose matmuls are too small to repay
-  the casts around them (issue 22).
+  fp32/bf16 pair, and the passes of each precision agree within `MAX_PASS_SPREAD`. On a machine busy with other
+  work, threads wait on each other and a pass can take tens of times its quiet duration (seen on a shared
+  2-core machine), in either precision; fp32, which rounds nothing, is the safe side of a doubtful measurement.
+  No fixed rule fits: on an AMX CPU bf16 speeds up the BK-SDM-Tiny architecture and slows down the tiny
+  embedded UNet, whose matmuls are too small to repay the casts around them (issue 22).
 - any other device (mps, xpu, ...): no, for want of measurements; pass bf16 or fp16 to use one.
 - resuming: the checkpoint's precision, so a resumed run never changes precision silently.
 
@@ -43,6 +44,8 @@ from lorakit.training import load_tokenizer, vae_scale_factor_from_config
 
 # bf16 must beat fp32 by this factor: it also rounds the frozen weights, so a tie goes to fp32.
 BF16_MIN_SPEEDUP = 1.05
+# Slowest over fastest pass of one precision above this: other work disturbed the probe, its ratio is not trusted.
+MAX_PASS_SPREAD = 1.5
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 # Timed passes per precision after one warm-up each: 3 when a pass is quick, down to 2 (one disturbed pass on a
 # shared machine must not decide alone) when one step is slow (a large model at full resolution).
@@ -85,6 +88,11 @@ class ProbeTimings:
     @property
     def pair_speedups(self) -> list[float]:
         return [fp32 / bf16 for fp32, bf16 in zip(self.fp32_seconds, self.bf16_seconds, strict=True)]
+
+    @property
+    def spread(self) -> float:
+        """Slowest over fastest pass, in the less steady precision (1.0: every pass alike)."""
+        return max(max(passes) / min(passes) for passes in (self.fp32_seconds, self.bf16_seconds))
 
 
 def process_state() -> PartialState:
@@ -162,6 +170,11 @@ def decide_precision(facts: DeviceFacts, timings: ProbeTimings | None = None) ->
         return PrecisionChoice("no", f"CPU without native bf16 ({facts.evidence})")
     if timings is None:
         raise ValueError("a CPU with native bf16 is decided by the probe: pass its timings")
+    return decide_from_probe(timings)
+
+
+def decide_from_probe(timings: ProbeTimings) -> PrecisionChoice:
+    """bf16 only for a clear win that every pair of passes shows on a steady machine; fp32 otherwise."""
     speedup = timings.bf16_speedup
     measured = (
         f"fp32 {min(timings.fp32_seconds) * 1000:.0f} ms, bf16 {min(timings.bf16_seconds) * 1000:.0f} ms per "
@@ -170,6 +183,12 @@ def decide_precision(facts: DeviceFacts, timings: ProbeTimings | None = None) ->
     if speedup < BF16_MIN_SPEEDUP:
         return PrecisionChoice(
             "no", f"probe: bf16 {speedup:.2f}x the speed of fp32, below {BF16_MIN_SPEEDUP}x ({measured})"
+        )
+    if timings.spread > MAX_PASS_SPREAD:
+        return PrecisionChoice(
+            "no",
+            f"probe: bf16 {speedup:.2f}x faster than fp32, but passes varied {timings.spread:.1f}x: the "
+            f"machine is busy, fp32 kept ({measured})",
         )
     if min(timings.pair_speedups) < BF16_MIN_SPEEDUP:
         pairs = ", ".join(f"{ratio:.2f}x" for ratio in timings.pair_speedups)
