@@ -185,7 +185,9 @@ def test_auto_on_this_cpu_records_a_concrete_precision_and_why(tiny_pipeline_dir
     assert "mixed_precision` | auto |" in card  # the card's settings table keeps what was asked
 
 
-def test_resume_with_auto_keeps_the_checkpoints_precision(monkeypatch, tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+def test_resume_with_auto_keeps_the_checkpoints_precision(
+    monkeypatch, capsys, tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
     out = tmp_path / "out"
     flags = tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, out, "--checkpointing_steps", "2")
     train_lora.train(parse_args([*flags, "--mixed_precision", "bf16", "--max_train_steps", "2"]))
@@ -198,6 +200,27 @@ def test_resume_with_auto_keeps_the_checkpoints_precision(monkeypatch, tiny_pipe
     assert result.state.global_step == 4
     assert summary(out)["mixed_precision"] == "bf16"
     assert summary(out)["precision_choice"] == "checkpoint: checkpoint-2 was trained in bf16"
+    AcceleratorState._reset_state(reset_partial_state=True)  # an explicit precision may change it, said aloud
+    capsys.readouterr()
+    train_lora.train(parse_args([*flags, "--mixed_precision", "no", "--resume_from_checkpoint", "latest"]))
+    assert "Note: checkpoint-4 was trained in bf16; it continues in no, as asked." in capsys.readouterr().out
+    assert summary(out)["mixed_precision"] == "no"
+
+
+def test_a_probe_that_fails_in_bf16_leaves_fp32(monkeypatch, tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    def fails(cfg):
+        raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'BFloat16'")
+
+    monkeypatch.setattr(precision, "device_facts", lambda device: CPU_BF16)
+    monkeypatch.setattr(precision, "probe_unet_step", fails)
+    cfg = parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "--mixed_precision", "auto"))
+    choice = precision.resolve_auto(cfg, torch.device("cpu"))
+    assert choice.mixed_precision == "no" and choice.reason.startswith("probe failed in bf16 (")
+
+
+def test_without_proc_cpuinfo_torchs_own_checks_decide(tmp_path):
+    native, evidence = precision.cpu_native_bf16(tmp_path / "no-cpuinfo")
+    assert isinstance(native, bool) and evidence.startswith("torch.cpu: ")
 
 
 @pytest.mark.parametrize("preset", ["shapes.yaml", "bk-sdm-tiny-naruto.yaml"])
