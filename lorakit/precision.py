@@ -202,7 +202,8 @@ def probe_unets(cfg: TrainConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The run's UNet with its LoRA, twice: fp32, and frozen weights in bf16 with fp32 LoRA as the run holds them.
 
     The LoRA is attached (not a plain UNet) because its fp32 weights are cast at every call under autocast:
-    on a small model that overhead is what decides between the precisions.
+    on a small model that overhead is what decides between the precisions. Gradient checkpointing and
+    channels_last follow the run; --compile does not (compiling both copies would cost more than the probe).
     """
     model = cfg.model
     unet = UNet2DConditionModel.from_pretrained(
