@@ -39,6 +39,13 @@ from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
 from lorakit.micro_batch import BatchLayout, choose_layout
 from lorakit.params import count_parameters
+from lorakit.precision import (
+    PrecisionChoice,
+    check_precision_fits,
+    choose_precision,
+    process_state,
+    requested_choice,
+)
 from lorakit.run_state import (
     StopRequest,
     TrainingDivergedError,
@@ -103,6 +110,8 @@ def preflight(cfg: TrainConfig) -> None:
         )
     if cfg.lora.train_token_embeddings:
         word_token_ids(load_tokenizer(cfg.model), cfg.lora.train_token_embeddings)
+    if cfg.training.mixed_precision == "fp16":  # the device accelerate will use, known before any data is read
+        check_precision_fits("fp16", process_state().device.type, requested_choice("fp16").reason)
 
 
 def check_processes(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -114,12 +123,12 @@ def check_processes(cfg: TrainConfig, accelerator: Accelerator) -> None:
         )
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Precision, accumulation and trackers; mixed precision left to accelerate unless the flag sets it."""
+def make_accelerator(cfg: TrainConfig, mixed_precision: str | None) -> Accelerator:
+    """Precision, accumulation and trackers; mixed precision (resolved when `auto`) left to accelerate when None."""
     output_dir = Path(cfg.output.output_dir)
     return Accelerator(
         gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-        mixed_precision=cfg.training.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=None if cfg.training.report_to == "none" else cfg.training.report_to,
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / cfg.output.logging_dir)
@@ -127,6 +136,16 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         # A seedable sampler makes the shuffled order a function of (seed, epoch): resume can skip batches exactly.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.training.seed),
     )
+
+
+def accelerator_in_precision(cfg: TrainConfig) -> tuple[Accelerator, PrecisionChoice]:
+    """The Accelerator built in the run's precision (`auto` decided first), and how that precision was chosen."""
+    choice = choose_precision(cfg, process_state())
+    accelerator = make_accelerator(cfg, choice.mixed_precision)
+    # accelerate may have taken its precision from the launch line or its config file: check what it uses.
+    check_precision_fits(accelerator.mixed_precision, accelerator.device.type, choice.reason)
+    accelerator.print(f"Mixed precision {accelerator.mixed_precision} ({choice.reason}).")
+    return accelerator, PrecisionChoice(accelerator.mixed_precision, choice.reason)
 
 
 def make_dataloader(
@@ -153,7 +172,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
     command = outputs.launch_command(argv)
     preflight(cfg)
     data = prepare_dataset(cfg.data, cfg.training.seed)
-    accelerator = make_accelerator(cfg)
+    accelerator, precision = accelerator_in_precision(cfg)  # `auto` may probe the UNet: after the data checks
     check_processes(cfg, accelerator)
     set_seed(cfg.training.seed)
     stop = StopRequest()
@@ -169,7 +188,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
         )
         accelerator.print(run.layout.describe())
         train_loop(cfg, accelerator, run, state, stop, timer, command)
-        out = write_outputs(cfg, accelerator, run, state, data, started, command)
+        out = write_outputs(cfg, accelerator, run, state, data, started, command, precision)
         accelerator.end_training()
         publish(cfg, accelerator, out)
         unwrap = accelerator.unwrap_model
@@ -376,6 +395,7 @@ def write_outputs(
     data: TrainingData,
     started: float,
     command: str,
+    precision: PrecisionChoice,
 ) -> Path:
     """Save the adapter and everything the card, docs and Hub need (main process), each file atomically."""
     out = Path(cfg.output.output_dir)
@@ -405,6 +425,7 @@ def write_outputs(
         final_loss=state.loss_history[-1]["loss"] if state.loss_history else None,
         command=command,
         mixed_precision=accelerator.mixed_precision,
+        precision_choice=precision.reason,
         num_processes=accelerator.num_processes,
         micro_batch_size=run.layout.micro_batch_size,
         gradient_accumulation_steps=run.layout.gradient_accumulation_steps,

@@ -262,6 +262,7 @@ def render_model_card(
         ("Final loss", f"{final_loss:.4g}" if isinstance(final_loss, (int, float)) else final_loss),
         ("Training time", f"{summary.train_seconds:.0f} s"),
         ("Mixed precision", summary.mixed_precision),
+        *([("Precision chosen by", summary.precision_choice)] if summary.precision_choice else []),
         *batch_layout_rows(summary),
         ("LoRA trainable parameters", f"{summary.lora_trainable_parameters:,}"),
         ("Adapter file size", f"{human_size(adapter_bytes)} ({adapter_bytes:,} bytes)"),

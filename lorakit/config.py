@@ -18,7 +18,7 @@ import yaml
 from lorakit.lora import DEFAULT_TEXT_ENCODER_TARGET_MODULES, DEFAULT_UNET_TARGET_MODULES
 from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_PIPELINE, REPO_ROOT, SHAPES_PRESET, shown_path
 
-MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
+MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16", "auto")
 LR_SCHEDULER_CHOICES = (
     "linear",
     "cosine",
@@ -197,7 +197,9 @@ class TrainingArgs:
     mixed_precision: str | None = field(
         default=None,
         metadata={
-            "help": "no, fp16 or bf16. Default: what `accelerate launch` or its config file set.",
+            "help": "no (fp32), fp16 (GPUs only), bf16, or auto: bf16 on GPUs with native bf16, fp16 on older "
+            "GPUs, on CPUs fp32 or bf16 as a short start-up probe of the UNet measures (fp32 without native bf16). "
+            "LoRA weights stay fp32. Default: what `accelerate launch` or its config file set.",
             "choices": MIXED_PRECISION_CHOICES,
         },
     )

@@ -3,9 +3,10 @@
 What is cached are the VAE posterior's moments (mean and log-variance), not one sample: training still
 draws a fresh posterior sample each step with the step's own generator, exactly as without the cache, so a
 cached run gives the same loss for the same seed (and the sampling noise the diffusers example relies on is
-kept). The key covers the data (datasets fingerprint), columns, model, resolution and augmentation; any
-change gives a new key, so a stale cache is never read. Random crops/flips are frozen at their first-epoch
-draw when cached.
+kept). The key covers the data (datasets fingerprint), columns, model, resolution, augmentation and how the
+encoders ran (their weight dtype, which follows the run's precision, and the device type); any change gives a
+new key, so a stale cache is never read (a bf16-encoded cache is never reused by an fp32 run). Random
+crops/flips are frozen at their first-epoch draw when cached.
 """
 
 from __future__ import annotations
@@ -46,9 +47,20 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     return (path.stat().st_size, int(path.stat().st_mtime)) if path.is_file() else None
 
 
-def cache_key(cfg: TrainConfig, data_fingerprint: str, cache_text: bool) -> str:
-    """Everything the cached tensors depend on, hashed."""
+def encoder_identity(models: Models) -> dict[str, str]:
+    """How the frozen encoders compute: their weight dtype (the run's precision) and the device type, whose kernels
+    round differently."""
+    return {
+        "vae_dtype": str(models.vae.dtype),
+        "text_encoder_dtype": str(models.text_encoder.dtype),
+        "device": models.vae.device.type,
+    }
+
+
+def cache_key(cfg: TrainConfig, data_fingerprint: str, cache_text: bool, encoders: dict[str, str]) -> str:
+    """Everything the cached tensors depend on, hashed (`encoders`: `encoder_identity` of the models that encode)."""
     parts = {
+        "encoders": encoders,
         "data": data_fingerprint,
         "image_column": cfg.data.image_column,
         "caption_column": cfg.data.caption_column,
@@ -109,7 +121,7 @@ def cached_dataset(
     """(dataset, cache file, hit). The main process encodes and writes; call under main_process_first()."""
     cache_text = not cfg.lora.trains_text_side
     folder = Path(cfg.training.latent_cache_dir) if cfg.training.latent_cache_dir else DEFAULT_CACHE_DIR
-    path = folder / f"{cache_key(cfg, data_fingerprint, cache_text)}.safetensors"
+    path = folder / f"{cache_key(cfg, data_fingerprint, cache_text, encoder_identity(models))}.safetensors"
     hit = path.is_file()
     if not hit and is_main:
         tensors = encode_dataset(models, dataset, cache_text)

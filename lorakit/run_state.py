@@ -85,6 +85,11 @@ def resume_if_asked(
     ckpt.check_compatible(saved["fingerprint"], fingerprint, checkpoint_dir)
     accelerator.load_state(str(checkpoint_dir))
     accelerator.print(f"Resumed from {checkpoint_dir} at step {saved['global_step']}.")
+    if saved.get("mixed_precision", accelerator.mixed_precision) != accelerator.mixed_precision:
+        accelerator.print(
+            f"Note: {checkpoint_dir.name} was trained in {saved['mixed_precision']}; "
+            f"it continues in {accelerator.mixed_precision}, as asked."
+        )
     return TrainState(
         global_step=saved["global_step"],
         epoch=saved["epoch"],
@@ -122,6 +127,7 @@ def save_training_state(cfg: TrainConfig, accelerator: Accelerator, state: Train
         "steps_in_epoch": state.steps_in_epoch,
         "loss_history": state.loss_history,
         "fingerprint": fingerprint,
+        "mixed_precision": accelerator.mixed_precision,  # `auto` resumes in it (lorakit.precision)
     }
     where = ckpt.save_checkpoint(
         accelerator, cfg.output.output_dir, state.global_step, payload, cfg.training.checkpoints_total_limit

@@ -39,6 +39,12 @@ class TrainSummary:
     final_loss: float | None = field(metadata={"help": "Loss of the last optimizer step."})
     command: str = field(metadata={"help": "The command line that ran the training, as typed (see launch_command)."})
     mixed_precision: str = field(metadata={"help": "The precision accelerate actually used: no, fp16 or bf16."})
+    precision_choice: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the precision was chosen: asked for, accelerate's, a checkpoint's, auto's rule or probe."
+        },
+    )
     num_processes: int = field(default=1, metadata={"help": "Data-parallel processes."})
     micro_batch_size: int | None = field(
         default=None, metadata={"help": "Samples per forward/backward pass per process (None: not recorded)."}

@@ -153,3 +153,23 @@ def test_persistent_workers_follow_the_epoch(tiny_dataset_dir):
     in_process = collate_examples([dataset[i] for i in range(12)])["pixel_values"]  # epoch 2, main process
     assert not torch.equal(per_epoch[0], per_epoch[1]) and not torch.equal(per_epoch[1], per_epoch[2])
     assert torch.equal(per_epoch[2], in_process)  # the worker drew exactly what epoch 2 draws anywhere
+
+
+def test_cache_is_keyed_by_the_precision_the_encoders_ran_in(tiny_pipeline_dir, tmp_path):
+    cache, data = tmp_path / "cache", make_tiny_imagefolder(tmp_path / "data", rows=4)
+    common = ["--cache_latents", "--latent_cache_dir", str(cache), "--max_train_steps", "1"]
+    runs = {}
+    for attempt in ("first", "second"):
+        for precision in ("no", "bf16"):
+            AcceleratorState._reset_state(reset_partial_state=True)
+            result = train_lora.train(
+                parse_args(args(tiny_pipeline_dir, data, tmp_path / "o", *common, "--mixed_precision", precision))
+            )
+            runs[attempt, precision] = result.latent_cache
+    assert runs["first", "no"]["path"] != runs["first", "bf16"]["path"]  # one file per precision
+    assert not runs["first", "no"]["hit"] and not runs["first", "bf16"]["hit"]
+    for precision in ("no", "bf16"):  # each precision finds its own file again
+        assert runs["second", precision] == {"path": runs["first", precision]["path"], "hit": True}
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    fp32, bf16 = (load_file(runs["first", precision]["path"])["latent_moments"] for precision in ("no", "bf16"))
+    assert not torch.equal(fp32, bf16)  # what the key now separates: bf16 encoding rounds the moments
