@@ -116,7 +116,7 @@ def learned_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_training_learns_the_word_and_no_other_row(learned_run, tiny_pipeline_dir):
+def test_training_learns_the_word_and_no_other_row(learned_run, tiny_pipeline_dir, tmp_path, monkeypatch):
     tokenizer, text_encoder = tiny_text_side(tiny_pipeline_dir)
     learned = load_file(learned_run / LEARNED_EMBEDS_FILE)
     assert set(learned) == {WORD}
@@ -124,9 +124,14 @@ def test_training_learns_the_word_and_no_other_row(learned_run, tiny_pipeline_di
     assert (learned[WORD] - base_row).abs().max() > 1e-3
     assert set(load_file(learned_run / "checkpoint-2" / LEARNED_EMBEDS_FILE)) == {WORD}  # checkpoints hold it too
     card = (learned_run / "README.md").read_text()
-    assert f"**Learned words:** `{WORD}`" in card and "load_file(" in card
+    assert f"**Learned words:** `{WORD}`" in card and f'load_textual_inversion("{learned_run}"' in card
     snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
-    compile(snippet, "snippet", "exec")  # the card's usage code is valid Python
+    namespace: dict = {}
+    monkeypatch.chdir(tmp_path)  # the snippet saves lora_sample.png where it runs
+    exec(compile(snippet, "card_snippet", "exec"), namespace)  # the card's usage code runs as written
+    pipe = namespace["pipe"]
+    word_id = pipe.tokenizer.convert_tokens_to_ids(WORD)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[word_id], learned[WORD])
 
 
 @pytest.mark.slow
