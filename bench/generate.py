@@ -88,22 +88,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def space_server_env(port: int, device: str, **settings: str) -> dict[str, str]:
+    """The environment of a `python space/app.py` served on localhost `port`, offline, with the Space's settings
+    (BASE_MODEL, LORA_ADAPTER or LORA_ADAPTERS); the other adapter setting is dropped so the two never mix."""
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("LORA_ADAPTER", "LORA_ADAPTERS")},
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        **settings,
+    }
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def space_cold_start(base: str, adapter: str, steps: int, prompt: str, log_path: Path, device: str) -> dict:
     """`python space/app.py` from process start to the first image returned over the API (gradio_client)."""
     from gradio_client import Client
 
     port = free_port()
-    env = {
-        **os.environ,
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "HF_HUB_OFFLINE": "1",
-        "BASE_MODEL": base,
-        "LORA_ADAPTER": adapter,
-    }
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = space_server_env(port, device, BASE_MODEL=base, LORA_ADAPTER=adapter)
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         started = time.perf_counter()

@@ -7,7 +7,6 @@ process (`python space/app.py`) serving 1, 2 and 4 adapters.
 
 from __future__ import annotations
 
-import os
 import statistics
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.generate import SPACE_APP, free_port, load_space_app
+from bench.generate import SPACE_APP, free_port, load_space_app, space_server_env
 
 ADAPTER_COUNTS = (1, 2, 4)
 SERVE_TIMEOUT_S = 300
@@ -100,18 +99,8 @@ def space_rss(base: str, adapters: list[str], device: str, prompt: str, steps: i
     from gradio_client import Client
 
     port = free_port()
-    env = {
-        **os.environ,
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "HF_HUB_OFFLINE": "1",
-        "BASE_MODEL": base,
-        "LORA_ADAPTERS": ",".join(f"adapter{index}={ref}" for index, ref in enumerate(adapters)),
-    }
-    env.pop("LORA_ADAPTER", None)
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    adapters_setting = ",".join(f"adapter{index}={ref}" for index, ref in enumerate(adapters))
+    env = space_server_env(port, device, BASE_MODEL=base, LORA_ADAPTERS=adapters_setting)
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, str(SPACE_APP)], env=env, stdout=log, stderr=subprocess.STDOUT)
     started = time.perf_counter()
