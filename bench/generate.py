@@ -104,9 +104,33 @@ def space_server_env(port: int, device: str, **settings: str) -> dict[str, str]:
     return env
 
 
+def wait_for_client(process: subprocess.Popen, url: str, started: float, timeout_s: float, log_path: Path):
+    """A gradio_client Client of the Space at `url` once it serves; a clear error if it exits or takes too long."""
+    from gradio_client import Client
+
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"space/app.py exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+        if time.perf_counter() - started > timeout_s:
+            raise RuntimeError(f"space/app.py did not serve within {timeout_s}s; log: {log_path}")
+        try:
+            return Client(url, verbose=False)
+        except Exception:  # connection refused until gradio is up; any error here means "not yet"
+            time.sleep(0.25)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate, then kill if it does not exit within 15 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def space_cold_start(base: str, adapter: str, steps: int, prompt: str, log_path: Path, device: str) -> dict:
     """`python space/app.py` from process start to the first image returned over the API (gradio_client)."""
-    from gradio_client import Client
 
     port = free_port()
     env = space_server_env(port, device, BASE_MODEL=base, LORA_ADAPTER=adapter)
@@ -115,26 +139,12 @@ def space_cold_start(base: str, adapter: str, steps: int, prompt: str, log_path:
         started = time.perf_counter()
         process = subprocess.Popen([sys.executable, str(SPACE_APP)], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        client, serving_s = None, None
-        while client is None:
-            if process.poll() is not None:
-                raise RuntimeError(f"space/app.py exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            if time.perf_counter() - started > COLD_START_TIMEOUT_S:
-                raise RuntimeError(f"space/app.py did not serve within {COLD_START_TIMEOUT_S}s; log: {log_path}")
-            try:
-                client = Client(url, verbose=False)
-                serving_s = time.perf_counter() - started
-            except Exception:  # connection refused until gradio is up; any error here means "not yet"
-                time.sleep(0.25)
+        client = wait_for_client(process, url, started, COLD_START_TIMEOUT_S, log_path)
+        serving_s = time.perf_counter() - started
         client.predict(prompt, "", 0, False, steps, 7.5, 1.0, False, api_name="/generate")
         first_image_s = time.perf_counter() - started
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
     return {"serving_s": serving_s, "first_image_s": first_image_s, "steps": steps}
 
 

@@ -17,7 +17,7 @@ import psutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.generate import SPACE_APP, free_port, load_space_app, space_server_env
+from bench.generate import SPACE_APP, free_port, load_space_app, space_server_env, stop_process, wait_for_client
 
 ADAPTER_COUNTS = (1, 2, 4)
 SERVE_TIMEOUT_S = 300
@@ -96,7 +96,6 @@ def switch_latency(app, base: str, adapters: list[str], device: str, steps: int,
 
 def space_rss(base: str, adapters: list[str], device: str, prompt: str, steps: int, log_path: Path) -> dict:
     """Start `python space/app.py` with LORA_ADAPTERS=<adapters>, serve one image, read the process's memory."""
-    from gradio_client import Client
 
     port = free_port()
     adapters_setting = ",".join(f"adapter{index}={ref}" for index, ref in enumerate(adapters))
@@ -105,28 +104,14 @@ def space_rss(base: str, adapters: list[str], device: str, prompt: str, steps: i
         process = subprocess.Popen([sys.executable, str(SPACE_APP)], env=env, stdout=log, stderr=subprocess.STDOUT)
     started = time.perf_counter()
     try:
-        client = None
-        while client is None:
-            if process.poll() is not None:
-                raise RuntimeError(f"space/app.py exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            if time.perf_counter() - started > SERVE_TIMEOUT_S:
-                raise RuntimeError(f"space/app.py did not serve within {SERVE_TIMEOUT_S}s; log: {log_path}")
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-            except Exception:  # connection refused until gradio is up; any error here means "not yet"
-                time.sleep(0.25)
+        client = wait_for_client(process, f"http://127.0.0.1:{port}/", started, SERVE_TIMEOUT_S, log_path)
         # One image per adapter, so every adapter's first-use allocations are in the figure.
         for index in range(len(adapters)):
             client.predict(prompt, "", 0, False, steps, 7.5, 1.0, False, f"adapter{index}", api_name="/generate")
         memory = psutil.Process(process.pid).memory_full_info()
         peak_kib = _peak_rss_kib(process.pid)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
     return {
         "adapters": len(adapters),
         "rss_mib": memory.rss / 2**20,
