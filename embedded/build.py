@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
@@ -39,6 +40,7 @@ from lorakit.params import count_parameters
 from lorakit.paths import EMBEDDED_DIR
 
 REBUILD_COMMAND = "python -m embedded.build"
+UNET_PHRASING_SEED_OFFSET = 5
 ARTIFACT_DIRS = ("data", "prompts", "clip", "pipeline", "_work")
 
 
@@ -56,6 +58,8 @@ class BuildSizes:
     # judged by one refined judge, base prompts went 0.882 -> 0.944, held-out 0.708 -> 0.868 (144 images each)
     unet_steps: int = 2700
     unet_batch: int = 64
+    # each base image is trained with its dataset caption and this many more grammar phrasings of its concept
+    unet_phrasings: int = 4
     judge_refine_steps: int = 800
     judge_confusable_pool: int = 12000
     inference_steps: int | None = None  # None: the pipeline's default call settings
@@ -74,6 +78,7 @@ SMOKE = BuildSizes(
     vae_pool=64,
     unet_steps=3,
     unet_batch=8,
+    unet_phrasings=2,
     judge_refine_steps=3,
     judge_confusable_pool=24,
     judge_images=72,
@@ -89,8 +94,34 @@ def log(message: str, start: float) -> None:
     print(f"[{time.time() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def write_data(out: Path, sizes: BuildSizes, seed: int) -> dict:
-    """The two datasets (base without held-out combinations; adapter) and the three prompt files."""
+# Prompt files: the canonical phrasing of each concept set, and the held-out phrasings (world.HELDOUT_PHRASINGS,
+# never trained on) of the base and adapter concepts.
+PROMPT_SETS = ("base", "heldout", "adapter", "base_phrasings", "adapter_phrasings")
+
+
+def heldout_phrasing_prompts(concepts: list[world.Concept]) -> list[str]:
+    """One prompt per concept, cycling through the held-out phrasings; duplicates (no background named) dropped."""
+    phrasings = world.HELDOUT_PHRASINGS
+    prompts = [concept.caption(phrasings[i % len(phrasings)]) for i, concept in enumerate(concepts)]
+    return list(dict.fromkeys(prompts))
+
+
+def prompt_sets() -> dict[str, list[str]]:
+    """Every evaluation prompt set of the world, by file name stem."""
+    return {
+        "base": [c.caption() for c in world.base_concepts()],
+        "heldout": [c.caption() for c in world.heldout_concepts()],
+        "adapter": [c.caption() for c in world.adapter_concepts()],
+        "base_phrasings": heldout_phrasing_prompts(world.base_concepts()),
+        "adapter_phrasings": heldout_phrasing_prompts(world.adapter_concepts()),
+    }
+
+
+def write_data(out: Path, sizes: BuildSizes, seed: int) -> tuple[dict, list[world.Concept]]:
+    """The two datasets (base without held-out combinations; adapter) and the prompt files.
+
+    Returns the counts and the concept of every base row (the UNet's extra phrasings are drawn from them).
+    """
     base = world.sample(world.base_concepts(), sizes.base_rows, seed + 1)
     adapter = world.sample(world.adapter_concepts(), sizes.adapter_rows, seed + 2)
     write_imagefolder(
@@ -109,14 +140,9 @@ def write_data(out: Path, sizes: BuildSizes, seed: int) -> dict:
         "Every shape in the colour purple, which the embedded base UNet was never trained on: the default LoRA "
         "run teaches it in one epoch.",
     )
-    prompts = {
-        "base": [c.caption() for c in world.base_concepts()],
-        "heldout": [c.caption() for c in world.heldout_concepts()],
-        "adapter": [c.caption() for c in world.adapter_concepts()],
-    }
-    for name, lines in prompts.items():
+    for name, lines in prompt_sets().items():
         write_prompts(out / "prompts" / f"{name}.txt", lines)
-    return {"base_rows": len(base), "adapter_rows": len(adapter)}
+    return {"base_rows": len(base), "adapter_rows": len(adapter)}, [concept for _, _, concept in base]
 
 
 def launch(work: Path, name: str, module: str, args: list[object], seed: int) -> subprocess.Popen | None:
@@ -165,11 +191,18 @@ def train_clip_and_vae(work: Path, sizes: BuildSizes, seed: int) -> dict:
     )
 
 
-def load_base_rows(folder: Path) -> tuple[torch.Tensor, list[str]]:
-    """Images ([-1, 1], plus mirror images) and captions of the base imagefolder, as the UNet sees them."""
+def load_base_rows(
+    folder: Path, concepts: list[world.Concept], phrasings: int, seed: int
+) -> tuple[torch.Tensor, list[list[str]]]:
+    """Images ([-1, 1], plus mirror images) and captions of the base imagefolder, as the UNet sees them.
+
+    Each image keeps its dataset caption and gains `phrasings` more grammar phrasings of its concept (seeded), so
+    the UNet meets every word in many sentences without more images.
+    """
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     images = torch.from_numpy(world.to_array([Image.open(folder / r["file_name"]).convert("RGB") for r in rows]))
-    captions = [r["text"] for r in rows]
+    rng = np.random.default_rng(seed + UNET_PHRASING_SEED_OFFSET)
+    captions = [[r["text"]] + [c.phrase(rng) for _ in range(phrasings)] for r, c in zip(rows, concepts, strict=True)]
     # shapes are mirror-symmetric, so a flipped image is one more honest sample of the same caption
     return torch.cat([images, images.flip(-1)]), captions + captions
 
@@ -191,12 +224,12 @@ def clean(out: Path, resume: bool) -> None:
             shutil.rmtree(out / name)
 
 
-def assemble_pipeline(work: Path, out: Path, sizes: BuildSizes, seed: int) -> dict:
+def assemble_pipeline(work: Path, out: Path, sizes: BuildSizes, seed: int, base_concepts: list[world.Concept]) -> dict:
     """Encode the cache, pretrain the UNet, and save the stock diffusers pipeline to out/pipeline."""
     tokenizer = make_tokenizer()
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     text_encoder = clip_text_tower(CLIPModel.from_pretrained(work / "clip"))
-    images, captions = load_base_rows(out / "data" / "base")
+    images, captions = load_base_rows(out / "data" / "base", base_concepts, sizes.unet_phrasings, seed)
     cache = build_cache(images, captions, vae, tokenizer, text_encoder)
     vae.register_to_config(scaling_factor=cache.scaling_factor)
     unet, log = train_unet(
@@ -249,9 +282,7 @@ def measure(out: Path, sizes: BuildSizes, seed: int, first_stage_clip: Path) -> 
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     fresh = seed + 10_000  # a seed no training set used
-    prompts = {
-        name: (out / "prompts" / f"{name}.txt").read_text().splitlines() for name in ("base", "heldout", "adapter")
-    }
+    prompts = {name: (out / "prompts" / f"{name}.txt").read_text().splitlines() for name in PROMPT_SETS}
     judge = {
         "all_concepts": judge_accuracy(model, processor, world.all_concepts(), sizes.judge_images, fresh),
         "hard_negatives_blobs": judge_accuracy(
@@ -295,13 +326,13 @@ def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_CO
     start = time.time()
     report: dict = {"command": command, "seed": seed, "sizes": asdict(sizes)}
     clean(out, "--resume" in command)
-    report["data"] = write_data(out, sizes, seed)
+    report["data"], base_concepts = write_data(out, sizes, seed)
     log("data written; training CLIP and VAE", start)
     work = out / "_work"
     report["clip_vae_logs"] = train_clip_and_vae(work, sizes, seed)
     log(f"CLIP and VAE trained: {report['clip_vae_logs']}; training the UNet", start)
     torch.set_num_threads(2)
-    report["unet"] = assemble_pipeline(work, out, sizes, seed)
+    report["unet"] = assemble_pipeline(work, out, sizes, seed, base_concepts)
     log(f"pipeline saved: {report['unet']}; refining the judge", start)
     report["judge_refine_log"] = refine(work, sizes, seed)
     save_clip(work, out)

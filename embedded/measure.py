@@ -27,7 +27,8 @@ def judge_accuracy(
     """Top-1 of the judge on freshly rendered images of `concepts`, among all world captions."""
     rows = world.sample(concepts, count, seed)
     images = to_uint8([image for image, _, _ in rows])
-    result = clip_r_precision(images, [c.caption() for _, _, c in rows], candidate_captions(), model, processor)
+    captions = [c.caption() for _, _, c in rows]
+    result = clip_r_precision(images, captions, candidate_captions(), model, processor, world.same_meaning)
     return result.top1
 
 
@@ -46,5 +47,6 @@ def pipeline_r_precision(
         batch = [prompts[i % len(prompts)] for i in range(per_seed)]
         extra = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
         images = pipe(batch, generator=torch.Generator().manual_seed(seed), output_type="pil", **extra).images
-        per_seed_top1.append(clip_r_precision(to_uint8(images), batch, candidate_captions(), model, processor).top1)
+        ranking = clip_r_precision(to_uint8(images), batch, candidate_captions(), model, processor, world.same_meaning)
+        per_seed_top1.append(ranking.top1)
     return {"top1": float(np.mean(per_seed_top1)), "per_seed": per_seed_top1, "images": per_seed * len(seeds)}

@@ -1,8 +1,8 @@
 """Train the tiny CLIP judge contrastively on every world concept, with all captions as negatives.
 
-Each step embeds every caption variant of every concept (216 texts), so each image meets its hard
-negatives (same shape in another colour, same colour as another shape, a blob) in every batch; captions
-of the same concept, duplicates included, are positives rather than negatives.
+Each step embeds a few grammar phrasings of every concept (216 texts), so each image meets its hard
+negatives (same shape in another colour, same colour as another shape, a blob) in every batch; every caption
+that describes an image is a positive: its own concept's phrasings, and those that name no background.
 
 Then the adapter word is forgotten by the text tower (`forget_words`): its input embedding is redrawn at random,
 so the base pipeline's frozen text encoder, like a real base model's, has no idea what the word looks like.
@@ -17,6 +17,7 @@ import argparse
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,11 @@ from embedded import world
 from embedded.models import CLIP_MEAN, CLIP_STD, make_clip, make_processor, make_tokenizer
 from lorakit.token_embeddings import word_token_ids
 
-TEXT_LENGTH = 16  # world captions are < 12 tokens; the text tower is causal, so padding length changes nothing
+TEXT_LENGTH = 16  # grammar captions are at most 13 tokens; the text tower is causal, so padding length changes nothing
+# Grammar phrasings drawn once per concept, and how many of them each step embeds (72 concepts x 3 = 216 texts)
+PHRASINGS_PER_CONCEPT = 24
+PHRASINGS_PER_STEP = 3
+PHRASING_SEED_OFFSET = 77
 POOL_SEED_OFFSET = 101  # the first stage's render pool; refine_judge renders the very same pool again
 # the pair the first-stage judge confused most (a lumpy blob read as a circle), rendered afresh for refine_judge
 CONFUSABLE_SHAPES = ("circle", world.DISTRACTOR_SHAPE)
@@ -42,14 +47,35 @@ FORGET_SEED_OFFSET = 1234
 FORGET_NORM_RATIO = 3.0
 
 
-def caption_table(concepts: list[world.Concept]) -> tuple[list[str], torch.Tensor]:
-    """Every template caption of every concept, and the concept index of each caption."""
-    texts, owners = [], []
+@dataclass(frozen=True)
+class CaptionPool:
+    """Grammar phrasings of every concept, tokenized once, and which concepts each one describes."""
+
+    tokens: torch.Tensor  # (texts, TEXT_LENGTH) token ids
+    fits: torch.Tensor  # (texts, concepts) bool: text t describes an image of concept c
+    owner: torch.Tensor  # (texts,) the concept each phrasing was drawn for
+
+
+def caption_pool(tokenizer: CLIPTokenizer, seed: int) -> CaptionPool:
+    """`PHRASINGS_PER_CONCEPT` grammar captions of each of `world.all_concepts()`, seeded."""
+    concepts = world.all_concepts()
+    rng = np.random.default_rng(seed)
+    texts, owner = [], []
     for index, concept in enumerate(concepts):
-        for template in world.TEMPLATES:
-            texts.append(concept.caption(template))
-            owners.append(index)
-    return texts, torch.tensor(owners)
+        # the canonical caption is always among them: it is what every figure's candidates say
+        texts += [concept.caption()] + [concept.phrase(rng) for _ in range(PHRASINGS_PER_CONCEPT - 1)]
+        owner += [index] * PHRASINGS_PER_CONCEPT
+    descriptions = [world.parse_caption(text) for text in texts]
+    fits = torch.tensor([[d.fits(c) for c in concepts] for d in descriptions])
+    tokens = tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt")["input_ids"]
+    return CaptionPool(tokens, fits, torch.tensor(owner))
+
+
+def pick_phrasings(pool: CaptionPool, per_concept: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of `per_concept` random phrasings of every concept: one step's texts."""
+    concepts = int(pool.owner.max()) + 1
+    offsets = torch.rand(concepts, PHRASINGS_PER_CONCEPT, generator=generator).argsort(1)[:, :per_concept]
+    return (torch.arange(concepts)[:, None] * PHRASINGS_PER_CONCEPT + offsets).flatten()
 
 
 def normalise(images: np.ndarray) -> torch.Tensor:
@@ -59,15 +85,11 @@ def normalise(images: np.ndarray) -> torch.Tensor:
 
 
 def contrastive_loss(
-    image_emb: torch.Tensor,
-    text_emb: torch.Tensor,
-    image_owner: torch.Tensor,
-    text_owner: torch.Tensor,
-    logit_scale: torch.Tensor,
+    image_emb: torch.Tensor, text_emb: torch.Tensor, positive: torch.Tensor, logit_scale: torch.Tensor
 ) -> torch.Tensor:
-    """Symmetric multi-positive InfoNCE: a pair is positive when image and text share a concept."""
+    """Symmetric multi-positive InfoNCE: `positive[i, t]` is 1 where text t describes image i."""
     logits = logit_scale.exp().clamp(max=100) * F.normalize(image_emb, dim=-1) @ F.normalize(text_emb, dim=-1).T
-    positive = (image_owner[:, None] == text_owner[None, :]).float()
+    positive = positive.float()
     image_to_text = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
     seen = positive.sum(0) > 0  # texts with at least one image in the batch
     text_to_image = -(positive / positive.sum(0, keepdim=True).clamp(min=1) * logits.log_softmax(0)).sum(0)
@@ -84,7 +106,9 @@ def training_pool(concepts: list[world.Concept], pool_size: int, seed: int) -> t
 
 def contrastive_steps(
     model: CLIPModel,
-    text_features: Callable[[], torch.Tensor],
+    text_features: Callable[[torch.Tensor], torch.Tensor],
+    pool: CaptionPool,
+    per_concept: int,
     pixels: torch.Tensor,
     owners: torch.Tensor,
     steps: int,
@@ -93,8 +117,10 @@ def contrastive_steps(
     warmup: int,
     seed: int,
 ) -> list[float]:
-    """AdamW with warmup and cosine decay over the model's trainable parameters; every step meets every caption."""
-    _, text_owner = caption_table(world.all_concepts())
+    """AdamW with warmup and cosine decay over the model's trainable parameters; every step meets every concept.
+
+    `text_features(indices)` embeds those phrasings of the pool; each step draws `per_concept` of every concept's.
+    """
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
@@ -103,20 +129,16 @@ def contrastive_steps(
     losses = []
     for _ in range(steps):
         batch = torch.randint(len(pixels), (batch_size,), generator=generator)
+        texts = pick_phrasings(pool, per_concept, generator)
         image_emb = model.get_image_features(pixel_values=pixels[batch]).pooler_output
-        loss = contrastive_loss(image_emb, text_features(), owners[batch], text_owner, model.logit_scale)
+        positive = pool.fits[texts][:, owners[batch]].T
+        loss = contrastive_loss(image_emb, text_features(texts), positive, model.logit_scale)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
     return losses
-
-
-def caption_tokens(tokenizer: CLIPTokenizer) -> torch.Tensor:
-    """Token ids of every caption variant of every concept, in `caption_table` order."""
-    texts, _ = caption_table(world.all_concepts())
-    return tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, return_tensors="pt")["input_ids"]
 
 
 @torch.no_grad()
@@ -161,10 +183,12 @@ def train_clip(
     tokenizer = make_tokenizer()
     model, processor = make_clip(tokenizer, seed), make_processor(tokenizer)
     pixels, owners = training_pool(world.all_concepts(), pool_size, seed + POOL_SEED_OFFSET)
-    tokens = caption_tokens(tokenizer)
+    pool = caption_pool(tokenizer, seed + PHRASING_SEED_OFFSET)
     losses = contrastive_steps(
         model,
-        lambda: model.get_text_features(input_ids=tokens).pooler_output,
+        lambda texts: model.get_text_features(input_ids=pool.tokens[texts]).pooler_output,
+        pool,
+        PHRASINGS_PER_STEP,
         pixels,
         owners,
         steps,
@@ -202,11 +226,14 @@ def refine_judge(
     pixels, owners = training_pool(world.all_concepts(), pool_size, seed + POOL_SEED_OFFSET)
     confusable = [c for c in world.all_concepts() if c.shape in CONFUSABLE_SHAPES]
     extra_pixels, extra_owners = training_pool(confusable, confusable_size, seed + 303)
+    pool = caption_pool(processor.tokenizer, seed + PHRASING_SEED_OFFSET)
     with torch.no_grad():
-        text_emb = model.get_text_features(input_ids=caption_tokens(processor.tokenizer)).pooler_output
+        text_emb = model.get_text_features(input_ids=pool.tokens).pooler_output
     losses = contrastive_steps(
         model,
-        lambda: text_emb,
+        lambda texts: text_emb[texts],
+        pool,
+        PHRASINGS_PER_CONCEPT,  # the text tower is frozen: every phrasing costs nothing
         torch.cat([pixels, extra_pixels]),
         torch.cat([owners, extra_owners]),
         steps,

@@ -24,11 +24,15 @@ MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting (Hang et al., arXiv 2303.09556): f
 
 @dataclass
 class LatentCache:
-    """Posterior means/stds of every image, and text states of every distinct caption (index 0 = empty)."""
+    """Posterior means/stds of every image, and text states of every distinct caption (index 0 = empty).
+
+    `caption_index[i]` lists the captions of image i: its dataset caption and more grammar phrasings of its
+    concept; each step trains on one of them at random.
+    """
 
     mean: torch.Tensor
     std: torch.Tensor
-    caption_index: torch.Tensor
+    caption_index: torch.Tensor  # (images, phrasings per image)
     text_states: torch.Tensor
     scaling_factor: float
 
@@ -45,7 +49,7 @@ def encode_text(texts: list[str], tokenizer: CLIPTokenizer, text_encoder: CLIPTe
 @torch.no_grad()
 def build_cache(
     images: torch.Tensor,
-    captions: list[str],
+    captions: list[list[str]],
     vae: AutoencoderKL,
     tokenizer: CLIPTokenizer,
     text_encoder: CLIPTextModel,
@@ -55,9 +59,9 @@ def build_cache(
     mean = torch.cat([p.mean for p in posteriors])
     std = torch.cat([p.std for p in posteriors])
     scaling_factor = float(1.0 / mean.std())
-    distinct = [""] + sorted(set(captions))
+    distinct = [""] + sorted({caption for phrasings in captions for caption in phrasings})
     index = {caption: i for i, caption in enumerate(distinct)}
-    caption_index = torch.tensor([index[c] for c in captions])
+    caption_index = torch.tensor([[index[c] for c in phrasings] for phrasings in captions])
     return LatentCache(mean, std, caption_index, encode_text(distinct, tokenizer, text_encoder), scaling_factor)
 
 
@@ -72,7 +76,8 @@ def diffusion_loss(
     latents = cache.mean[batch] + cache.std[batch] * torch.randn(cache.mean[batch].shape, generator=generator)
     latents = latents * cache.scaling_factor
     drop = torch.rand(len(batch), generator=generator) < CAPTION_DROPOUT
-    text = cache.text_states[torch.where(drop, 0, cache.caption_index[batch])]
+    phrasing = torch.randint(cache.caption_index.shape[1], (len(batch),), generator=generator)
+    text = cache.text_states[torch.where(drop, 0, cache.caption_index[batch, phrasing])]
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
     prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample

@@ -30,8 +30,33 @@ BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20)}
 DISTRACTOR_SHAPE = "blob"
 HELDOUT_COMBOS = (("red", "star"), ("blue", "triangle"), ("green", "circle"), ("yellow", "square"))
 
-CANONICAL_TEMPLATE = "a {colour} {shape} on a {background} background"
-TEMPLATES = (CANONICAL_TEMPLATE, "a {colour} {shape} on {background}", "{colour} {shape}, {background} background")
+CANONICAL_TEMPLATE = "{a} {colour} {shape} on a {background} background"
+
+# The caption grammar: a training caption takes one option from each slot, drawn with these weights, so the text
+# encoder and the UNet learn the words rather than one sentence (issue: "a purple star" drew no purple at all while
+# every caption was one of three fixed templates). "{a}" is the article of the word after it ("a" or "an").
+LEADS = (("", 6), ("a picture of ", 1), ("an image of ", 1))
+ARTICLES = (("{a} ", 3), ("", 2))
+EXTRAS = (("", 6), ("simple ", 1), ("centered ", 1))
+CORES = (("{colour} {shape}", 5), ("{shape} in {colour}", 1))
+# A third of the captions name no background, so a prompt without one draws either.
+BACKGROUND_PHRASES = (
+    ("", 3),
+    (" on a {background} background", 3),
+    (" on {background}", 1),
+    (" against {background}", 1),
+    (" with a {background} background", 1),
+    (", {background} background", 1),
+)
+# Phrasings the grammar never makes, written down here and never trained on: they measure how far the words
+# generalise beyond the training sentences (tests assert none of them is a grammar sentence). They use only words
+# the grammar uses, in orders or combinations it never does.
+HELDOUT_PHRASINGS = (
+    "{colour} {shape} against a {background} background",
+    "an image of {colour} {shape} with {background} background",
+    "{a} {colour} {shape}, {background}",
+    "{a} simple centered {colour} {shape}",
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +68,58 @@ class Concept:
     background: str
 
     def caption(self, template: str = CANONICAL_TEMPLATE) -> str:
-        """The caption of this concept under `template`."""
-        return template.format(colour=self.colour, shape=self.shape, background=self.background)
+        """The caption of this concept under `template` (the canonical one by default)."""
+        return _fill(template, self.colour, self.shape, self.background)
+
+    def phrase(self, rng: np.random.Generator) -> str:
+        """A caption drawn from the grammar: one weighted option per slot."""
+        slots = (LEADS, ARTICLES, EXTRAS, CORES, BACKGROUND_PHRASES)
+        return self.caption("".join(_weighted(options, rng) for options in slots))
+
+
+@dataclass(frozen=True)
+class Description:
+    """What a caption says: a colour and a shape, and a background or None when it names none."""
+
+    colour: str
+    shape: str
+    background: str | None
+
+    def fits(self, concept: Concept) -> bool:
+        """True when an image of `concept` shows what this description says (any background if it names none)."""
+        same_background = self.background is None or self.background == concept.background
+        return self.colour == concept.colour and self.shape == concept.shape and same_background
+
+
+def article(word: str) -> str:
+    """The indefinite article before `word`."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _fill(template: str, colour: str, shape: str, background: str) -> str:
+    """Fill a template; "{a}" becomes the article of the word that follows it."""
+    text = template.format(colour=colour, shape=shape, background=background, a="{a}")
+    while "{a}" in text:
+        head, tail = text.split("{a}", 1)
+        text = head + article(tail.split()[0]) + tail
+    return text
+
+
+def _weighted(options: tuple[tuple[str, int], ...], rng: np.random.Generator) -> str:
+    weights = np.array([weight for _, weight in options], dtype=float)
+    return options[int(rng.choice(len(options), p=weights / weights.sum()))][0]
+
+
+def grammar_templates() -> list[str]:
+    """Every sentence template the grammar can make (one option per slot), in slot order."""
+    return [
+        lead + art + extra + core + background
+        for lead, _ in LEADS
+        for art, _ in ARTICLES
+        for extra, _ in EXTRAS
+        for core, _ in CORES
+        for background, _ in BACKGROUND_PHRASES
+    ]
 
 
 def _concepts(shapes: tuple[str, ...], colours: list[str]) -> list[Concept]:
@@ -77,12 +152,34 @@ def all_concepts() -> list[Concept]:
 
 
 def world_words() -> list[str]:
-    """Every word of every caption template, so each becomes one token."""
+    """Every word the caption grammar uses, so each becomes one token."""
     words = set()
     for concept in all_concepts():
-        for template in TEMPLATES:
+        for template in grammar_templates():
             words.update(concept.caption(template).replace(",", " , ").split())
     return sorted(words)
+
+
+def parse_caption(text: str) -> Description | None:
+    """What a caption of this world says, whatever its phrasing; None if it names no colour or no shape."""
+    words = text.lower().replace(",", " ").split()
+    colours = [w for w in words if w in COLOURS]
+    shapes = [w for w in words if w in (*SHAPES, DISTRACTOR_SHAPE)]
+    backgrounds = [w for w in words if w in BACKGROUNDS]
+    if len(colours) != 1 or len(shapes) != 1 or len(backgrounds) > 1:
+        return None
+    return Description(colours[0], shapes[0], backgrounds[0] if backgrounds else None)
+
+
+def same_meaning(prompt: str, candidate: str) -> bool:
+    """True when `candidate` (a caption naming colour, shape and background) shows what `prompt` asks for.
+
+    A prompt that names no background is met by either background: its R-precision counts colour and shape.
+    """
+    wanted, offered = parse_caption(prompt), parse_caption(candidate)
+    if wanted is None or offered is None or offered.background is None:
+        return False
+    return wanted.fits(Concept(offered.shape, offered.colour, offered.background))
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rng: np.random.Generator) -> list[tuple[float, float]]:
@@ -145,13 +242,12 @@ def render(concept: Concept, rng: np.random.Generator, size: int = IMAGE_SIZE) -
 
 
 def sample(concepts: list[Concept], count: int, seed: int) -> list[tuple[Image.Image, str, Concept]]:
-    """`count` (image, caption, concept) rows cycling through `concepts`, captions from random templates."""
+    """`count` (image, caption, concept) rows cycling through `concepts`, captions drawn from the grammar."""
     rng = np.random.default_rng(seed)
     rows = []
     for index in range(count):
         concept = concepts[index % len(concepts)]
-        template = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
-        rows.append((render(concept, rng), concept.caption(template), concept))
+        rows.append((render(concept, rng), concept.phrase(rng), concept))
     return rows
 
 

@@ -18,6 +18,7 @@ from eval.prompts import (
     default_candidates_file,
     default_prompt_files,
     embedded_world_captions,
+    embedded_world_language,
     load_prompt_sets,
 )
 from eval.run import EvalOptions, evaluate
@@ -89,6 +90,7 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
     candidates = args.candidates or (None if args.prompts else default_candidates_file())
     # With the embedded prompts, rank against every world caption as the embedded build's figures do.
     world_captions = embedded_world_captions() if not args.prompts and not candidates else []
+    same_meaning, parse_caption = embedded_world_language() if world_captions else (None, None)
     load_prompt_sets(prompts)  # missing or empty files fail here, before anything else is looked at
     lora = args.lora or default_lora()
     if not args.lora and not Path(lora).exists():
@@ -111,6 +113,8 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
         prompts=prompts,
         candidates=str(candidates) if candidates else None,
         candidate_texts=world_captions,
+        same_meaning=same_meaning,
+        parse_caption=parse_caption,
         output_dir=args.output_dir,
         generation=generation,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +77,16 @@ def embedded_world_captions() -> list[str]:
     except ImportError:
         return []
     return list(candidate_captions())
+
+
+def embedded_world_language() -> tuple[Callable[[str, str], bool] | None, Callable[[str], object] | None]:
+    """The embedded world's `same_meaning` and `parse_caption`, if its code is importable; else (None, None).
+
+    With them, a freely phrased prompt is judged by what it says (colour, shape and, if named, background) and
+    the report gains the colour confusion table.
+    """
+    try:
+        from embedded.world import parse_caption, same_meaning
+    except ImportError:
+        return None, None
+    return same_meaning, parse_caption

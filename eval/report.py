@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from eval.confusion import confusion_markdown
 from lorakit import markdown as md
 from lorakit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from lorakit.filenames import EVAL_GRID_FILE, EVAL_REPORT_FILE, EVAL_RESULTS_FILE
@@ -50,6 +51,12 @@ def markdown_table(results: dict) -> str:
         f"Base `{results['base']}` against base + LoRA `{results['lora']}`, judged by CLIP `{results['clip_model']}` "
         f"({results['num_candidates']} candidate prompts for R-precision; mean rank 1 is best)."
     )
+    if results.get("matching") == "by meaning":
+        intro += (
+            " Each image counts as right when the judge ranks first a candidate that shows what its prompt says, "
+            "however the prompt is phrased; a prompt that names no background counts a match on colour and shape "
+            "(the candidates collapsed over background)."
+        )
     speed = (
         f"Seconds per image ({settings['device']}, {settings['num_inference_steps']} steps, guidance "
         f"{settings['guidance_scale']}, {settings['height']}x{settings['width']} px): base "
@@ -57,7 +64,8 @@ def markdown_table(results: dict) -> str:
     )
     scores = md.markdown_table(header, rows, align=["---", *["---:"] * (len(header) - 1)])
     parameters = md.markdown_table(["component", "parameters"], sizes, align=["---", "---:"])
-    return f"{intro}\n\n{scores}\n\n{parameters}\n\n{speed}\n"
+    confusion = f"{confusion_markdown(results['colour_confusion'])}\n\n" if "colour_confusion" in results else ""
+    return f"{intro}\n\n{scores}\n\n{confusion}{parameters}\n\n{speed}\n"
 
 
 def _label(text: str, width: int, height: int = 14) -> Image.Image:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from eval.card import card_metrics, update_card
+from eval.confusion import Described, confusion_report
 from eval.generate import Generated, GenerationSettings, generate, native_resolution, warm_up
 from eval.models import adapter_state_dict, attach_adapter, check_adapter_fits, load_clip, load_pipeline
 from eval.prompts import PromptSet, candidate_prompts, load_prompt_sets
@@ -34,6 +36,10 @@ class EvalOptions:
     device: str = "cpu"
     update_card: str | None = None
     command: str | None = None
+    # How a prompt is matched against candidates, and how a caption is read (the embedded world's language);
+    # None: a prompt is right only when its own text ranks first, and there is no colour confusion table.
+    same_meaning: Callable[[str, str], bool] | None = None
+    parse_caption: Callable[[str], Described | None] | None = None
 
 
 def adapter_file_bytes(lora: str) -> int | None:
@@ -58,14 +64,21 @@ def lora_values(state_dict: dict[str, torch.Tensor], prefix: str = "") -> int:
     )
 
 
-def score_set(images: torch.Tensor, prompts: tuple[str, ...], candidates: list[str], clip: tuple) -> dict[str, float]:
-    """CLIP score and R-precision of one prompt set's images."""
+def score_set(
+    images: torch.Tensor,
+    prompts: tuple[str, ...],
+    candidates: list[str],
+    clip: tuple,
+    same_meaning: Callable[[str, str], bool] | None = None,
+) -> dict:
+    """CLIP score and R-precision of one prompt set's images, and the caption the judge ranked first for each."""
     model, processor = clip
-    ranking = clip_r_precision(images, list(prompts), candidates, model, processor)
+    ranking = clip_r_precision(images, list(prompts), candidates, model, processor, same_meaning)
     return {
         "clip_score": clip_score(images, list(prompts), model, processor),
         "r_precision_top1": ranking.top1,
         "mean_rank": ranking.mean_rank,
+        "judged": list(ranking.best_texts),
     }
 
 
@@ -80,7 +93,12 @@ def _slices(prompt_sets: list[PromptSet], num_seeds: int) -> list[slice]:
 
 
 def score_prompt_sets(
-    prompt_sets: list[PromptSet], base: Generated, adapted: Generated, candidates: list[str], clip: tuple
+    prompt_sets: list[PromptSet],
+    base: Generated,
+    adapted: Generated,
+    candidates: list[str],
+    clip: tuple,
+    same_meaning: Callable[[str, str], bool] | None = None,
 ) -> list[dict]:
     """One report row per prompt set: CLIP score and R-precision of base and adapter images."""
     rows = []
@@ -92,11 +110,20 @@ def score_prompt_sets(
                 "file": shown_path(prompt_set.path),
                 "num_prompts": len(prompt_set.prompts),
                 "num_images": len(set_prompts),
-                "base": score_set(base.images[where], set_prompts, candidates, clip),
-                "adapter": score_set(adapted.images[where], set_prompts, candidates, clip),
+                "prompts": list(set_prompts),
+                "base": score_set(base.images[where], set_prompts, candidates, clip, same_meaning),
+                "adapter": score_set(adapted.images[where], set_prompts, candidates, clip, same_meaning),
             }
         )
     return rows
+
+
+def colour_confusion(rows: list[dict], parse: Callable[[str], Described | None]) -> dict:
+    """The colour confusion of every scored image, base against adapter (eval/confusion.py)."""
+    prompts = [prompt for row in rows for prompt in row["prompts"]]
+    base = [text for row in rows for text in row["base"]["judged"]]
+    adapter = [text for row in rows for text in row["adapter"]["judged"]]
+    return confusion_report(prompts, base, adapter, parse)
 
 
 def parameter_report(pipe, state_dict: dict[str, torch.Tensor], lora: str) -> dict:
@@ -130,7 +157,10 @@ def evaluate(options: EvalOptions) -> dict:
     """Run the whole evaluation and write the report; returns the results dict (as in eval_results.json)."""
     # Cheap checks first: prompt files, CLIP, base, adapter shapes; only then generation.
     prompt_sets = load_prompt_sets(options.prompts)
-    candidates = candidate_prompts(prompt_sets, options.candidates, options.candidate_texts)
+    # Judged by meaning, the world's captions are the whole candidate list: a freely phrased prompt added beside
+    # them would be a second, differently worded right answer (clip_r_precision adds a prompt no caption means).
+    ranked_sets = [] if options.same_meaning else prompt_sets
+    candidates = candidate_prompts(ranked_sets, options.candidates, options.candidate_texts)
     clip = load_clip(options.clip_model, options.device)
     dtype = torch.float16 if options.device.startswith("cuda") else torch.float32
     pipe = load_pipeline(options.base, options.device, dtype)
@@ -153,13 +183,16 @@ def evaluate(options: EvalOptions) -> dict:
         "candidates_file": shown_path(options.candidates) if options.candidates else None,
         "candidates": candidates,
         "settings": settings_report(settings, pipe, options.device),
-        "prompt_sets": score_prompt_sets(prompt_sets, base, adapted, candidates, clip),
+        "matching": "by meaning" if options.same_meaning else "exact prompt",
+        "prompt_sets": score_prompt_sets(prompt_sets, base, adapted, candidates, clip, options.same_meaning),
         "parameters": parameters,
         "timing": {
             "base_seconds_per_image": base.seconds_per_image,
             "adapter_seconds_per_image": adapted.seconds_per_image,
         },
     }
+    if options.parse_caption is not None:
+        results["colour_confusion"] = colour_confusion(results["prompt_sets"], options.parse_caption)
     # lorakit.card's eval schema too, so this file can be handed to the card renderer as it is.
     results["metrics"] = card_metrics(results)
     results["table_markdown"] = markdown_table(results)

@@ -9,8 +9,8 @@ Functions here take a loaded `(model, processor)` pair; loading from disk or the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torchmetrics.functional.multimodal import clip_score as _torchmetrics_clip_score
@@ -124,6 +124,8 @@ class RPrecision:
     mean_rank: float
     ranks: tuple[int, ...]
     num_candidates: int
+    best: tuple[int, ...] = ()  # the candidate each image scored highest with
+    best_texts: tuple[str, ...] = ()  # that candidate's text (filled in by clip_r_precision)
 
 
 def r_precision(similarity: torch.Tensor, targets: Sequence[int]) -> RPrecision:
@@ -137,13 +139,29 @@ def r_precision(similarity: torch.Tensor, targets: Sequence[int]) -> RPrecision:
     target_index = torch.as_tensor(list(targets), dtype=torch.long)
     if len(target_index) and (target_index.min() < 0 or target_index.max() >= similarity.shape[1]):
         raise ValueError("every target must index a candidate")
-    own = similarity.gather(1, target_index[:, None])
+    relevant = torch.zeros(similarity.shape, dtype=torch.bool)
+    relevant[torch.arange(len(target_index)), target_index] = True
+    return r_precision_relevant(similarity, relevant)
+
+
+def r_precision_relevant(similarity: torch.Tensor, relevant: torch.Tensor) -> RPrecision:
+    """R-precision where several candidates may be right for an image (`relevant`, images x candidates, bool).
+
+    A prompt that leaves something open ("a red circle", no background named) is matched by every candidate
+    that fits it; the image's rank is that of its best-scoring relevant candidate, ties counting against it.
+    """
+    if similarity.shape != relevant.shape:
+        raise ValueError(f"similarity {tuple(similarity.shape)} and relevant {tuple(relevant.shape)} differ")
+    if not bool(relevant.any(dim=1).all()):
+        raise ValueError("every image needs at least one relevant candidate")
+    own = similarity.masked_fill(~relevant, float("-inf")).max(dim=1, keepdim=True).values
     ranks = (similarity >= own).sum(dim=1)
     return RPrecision(
         top1=float((ranks == 1).float().mean()),
         mean_rank=float(ranks.float().mean()),
         ranks=tuple(int(rank) for rank in ranks),
         num_candidates=int(similarity.shape[1]),
+        best=tuple(int(index) for index in similarity.argmax(dim=1)),
     )
 
 
@@ -153,9 +171,21 @@ def clip_r_precision(
     candidates: Sequence[str],
     model: torch.nn.Module,
     processor: object,
+    same_meaning: Callable[[str, str], bool] | None = None,
 ) -> RPrecision:
-    """CLIP R-precision of images against `candidates`; each image's own prompt is added if missing."""
-    pool = list(dict.fromkeys([*candidates, *prompts]))  # dedupe, keep order: a repeated prompt is one candidate
-    position = {text: index for index, text in enumerate(pool)}
+    """CLIP R-precision of images against `candidates`.
+
+    Without `same_meaning`, an image's only right answer is its own prompt, added to the candidates if missing.
+    With it, every candidate for which `same_meaning(prompt, candidate)` holds is right, so a prompt phrased
+    freely is judged by what it says; a prompt no candidate means is added as its own (only) right answer.
+    """
+    if same_meaning is None:
+        pool = list(dict.fromkeys([*candidates, *prompts]))  # dedupe, keep order: a repeated prompt is one candidate
+        matches = [[text == prompt for text in pool] for prompt in prompts]
+    else:
+        unmatched = [p for p in prompts if not any(same_meaning(p, c) for c in candidates)]
+        pool = list(dict.fromkeys([*candidates, *unmatched]))
+        matches = [[text == prompt or same_meaning(prompt, text) for text in pool] for prompt in prompts]
     image_emb, text_emb = clip_embeddings(images, pool, model, processor)
-    return r_precision(image_emb @ text_emb.T, [position[prompt] for prompt in prompts])
+    result = r_precision_relevant(image_emb @ text_emb.T, torch.tensor(matches, dtype=torch.bool))
+    return replace(result, best_texts=tuple(pool[index] for index in result.best))

@@ -27,13 +27,30 @@ def _bytes_to_unicode() -> list[str]:
     return chars
 
 
-def _word_merges(word: str) -> list[tuple[str, str]]:
-    """Left-to-right merges that build `word</w>` from its characters."""
-    symbols = list(word[:-1]) + [word[-1] + WORD_END]
-    merges, current = [], symbols[0]
-    for symbol in symbols[1:]:
-        merges.append((current, symbol))
-        current += symbol
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the adjacent pair with the best (lowest) rank."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def _word_merges(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """Merges, after those in `ranks`, that make `word</w>` one token.
+
+    The earlier merges are applied first, as the tokenizer will ("simple" meets the "im" of "image" before any of
+    its own merges), and the pieces they leave are joined left to right. The new merges rank after every earlier
+    one, so the words already built still tokenize exactly as before.
+    """
+    pieces = _apply_merges(list(word[:-1]) + [word[-1] + WORD_END], ranks)
+    merges, current = [], pieces[0]
+    for piece in pieces[1:]:
+        merges.append((current, piece))
+        current += piece
     return merges
 
 
@@ -42,9 +59,11 @@ def build_clip_tokenizer(words: list[str], model_max_length: int = 77) -> CLIPTo
     byte_chars = _bytes_to_unicode()
     vocab_list = byte_chars + [c + WORD_END for c in byte_chars]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in sorted({w.lower() for w in words if w}):
-        for left, right in _word_merges(word):
-            if (left, right) not in merges:
+        for left, right in _word_merges(word, ranks):
+            if (left, right) not in ranks:
+                ranks[(left, right)] = len(merges)
                 merges.append((left, right))
                 if left + right not in vocab_list:
                     vocab_list.append(left + right)
