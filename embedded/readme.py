@@ -48,6 +48,8 @@ LORA_BARS = {
 }
 # sentence forms shown as examples in the world table: short, plain, and the canonical one
 GRAMMAR_EXAMPLES = ("{colour} {shape}", "{a} {shape} in {colour} against {background}", world.CANONICAL_TEMPLATE)
+# the prompt sets the after-LoRA figures read from the demo adapter's evaluation
+EVAL_SETS = ("base", "base_phrasings", "heldout", "adapter", "adapter_phrasings")
 # the base colour next to the adapter's: the one a purple LoRA is likeliest to bleed into
 NEIGHBOUR_COLOUR = "blue"
 
@@ -244,9 +246,14 @@ def lora_block(folder: Path) -> str:
     """The after-LoRA figures for the committed world; a note for other builds or while the eval is missing."""
     if folder.resolve() != EMBEDDED_DIR:
         return "_Not measured for this build: the demo adapter and its evaluation belong to the committed world._"
+    pending = "_Not measured yet: train the demo adapter, then run `python docs/build.py --rerun`._"
     if not (LORA_EVAL.exists() and DEMO_SUMMARY.exists()):
-        return "_Not measured yet: train the demo adapter, then run `python docs/build.py --rerun`._"
-    return lora_figures(json.loads(LORA_EVAL.read_text()), read_summary(EMBEDDED_DEMO_ADAPTER))
+        return pending
+    lora_eval = json.loads(LORA_EVAL.read_text())
+    measured = {row["name"] for row in lora_eval["prompt_sets"]}
+    if "colour_confusion" not in lora_eval or not set(EVAL_SETS) <= measured:
+        return pending  # an evaluation from before this world's prompt sets existed
+    return lora_figures(lora_eval, read_summary(EMBEDDED_DEMO_ADAPTER))
 
 
 def block_renderers(folder: Path = EMBEDDED_DIR) -> dict[str, Callable[[], str]]:
