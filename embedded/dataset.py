@@ -24,8 +24,8 @@ size_categories:
 
 - Rows: {rows} ({concepts} concepts), 32x32 RGB PNG, columns `image` and `text`.
 - Made by `python -m embedded.build` (seeded, deterministic): shapes drawn at 256 px with PIL and downscaled
-  with LANCZOS (anti-aliased), random size and position, captions from templates such as
-  "a red circle on a white background".
+  with LANCZOS (anti-aliased), random size and position, captions drawn from a small grammar, such as
+  "an orange star on a white background", "a red circle" or "a picture of a star in blue against black".
 - Load: `datasets.load_dataset("imagefolder", data_dir="{folder}")`.
 """
 
