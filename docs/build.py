@@ -41,11 +41,12 @@ DOC_FILES = (
 )
 PIPELINE = REPO / "embedded" / "pipeline"
 ADAPTER = src.DEMO_ADAPTER
+# Short prompts as people type them, one in the training phrasing, and a neighbouring colour that must stay itself
 HERO_PROMPTS = (
-    "a purple star on a white background",
-    "a purple circle on a black background",
-    "a purple square on a white background",
+    "a purple star",
+    "purple circle",
     "a purple cross on a black background",
+    "a blue square",
 )
 STRIP_PROMPT = "a purple star on a white background"
 STRIP_SEED = 3

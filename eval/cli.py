@@ -87,9 +87,11 @@ def options_from_args(argv: Sequence[str] | None = None) -> EvalOptions:
             f"No prompt files in {EMBEDDED_PROMPTS}: build the embedded world (python -m embedded.build) "
             "or pass --prompts FILE [FILE ...]."
         )
-    candidates = args.candidates or (None if args.prompts else default_candidates_file())
-    # With the embedded prompts, rank against every world caption as the embedded build's figures do.
-    world_captions = embedded_world_captions() if not args.prompts and not candidates else []
+    on_embedded_base = not args.base or Path(args.base).resolve() == EMBEDDED_PIPELINE.resolve()
+    candidates = args.candidates or (None if args.prompts and not on_embedded_base else default_candidates_file())
+    # On the embedded base, rank against every world caption as the embedded build's figures do, judging each
+    # prompt by what it says (so a subset of prompts, or prompts of your own phrasing, are judged the same way).
+    world_captions = embedded_world_captions() if on_embedded_base and not candidates else []
     same_meaning, parse_caption = embedded_world_language() if world_captions else (None, None)
     load_prompt_sets(prompts)  # missing or empty files fail here, before anything else is looked at
     lora = args.lora or default_lora()

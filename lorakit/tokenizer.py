@@ -6,6 +6,8 @@ get merges that make each of them a single token.
 
 from __future__ import annotations
 
+import itertools
+
 from transformers import CLIPTokenizer
 
 BOS_TOKEN = "<|startoftext|>"
@@ -31,7 +33,7 @@ def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list
     """Byte-pair encoding of one word: repeatedly join the adjacent pair with the best (lowest) rank."""
     symbols = list(symbols)
     while len(symbols) > 1:
-        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(itertools.pairwise(symbols))]
         rank, i = min(pairs)
         if rank == len(ranks):
             break

@@ -52,12 +52,14 @@ CSS = """
 #result img { image-rendering: pixelated; min-height: 256px; object-fit: contain; }
 #compare img { image-rendering: pixelated; }
 """
+# Short prompts first: what people type into a demo (the shapes world's captions name a background only sometimes).
+# A neighbouring colour is among them, so a visitor sees the adapter leave other colours alone.
+SHORT_EXAMPLES = ["a purple star", "purple circle", "a blue square", "purple cross against black"]
 # Used when the embedded prompts are absent: the demo adapter's concept (a new colour, purple, in the shapes world).
 FALLBACK_EXAMPLES = [
+    *SHORT_EXAMPLES,
     "a purple circle on a white background",
     "a purple star on a black background",
-    "a purple triangle on a white background",
-    "a purple square on a black background",
 ]
 
 # One pipeline is shared by all requests; its scheduler and adapter weights are mutable state.
@@ -375,12 +377,12 @@ def display_name(reference: str) -> str:
 
 
 def load_examples() -> list[str]:
-    """Example prompts from the adapter's domain: the embedded prompt file if present, else a fixed list."""
+    """Example prompts from the adapter's domain: short ones, then the embedded prompt file's, else a fixed list."""
     if EMBEDDED_PROMPTS.is_file():
         lines = [line.strip() for line in EMBEDDED_PROMPTS.read_text().splitlines()]
         prompts = [line for line in lines if line and not line.startswith("#")]
         if prompts:
-            return prompts[:8]
+            return list(dict.fromkeys([*SHORT_EXAMPLES, *prompts[:4]]))
     return list(FALLBACK_EXAMPLES)
 
 

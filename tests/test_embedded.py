@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiff
 from transformers import CLIPModel, CLIPProcessor
 
 from embedded import readme, world
+from embedded.build import PROMPT_SETS
 from embedded.build import main as build_main
 from embedded.measure import candidate_captions, to_uint8
 from embedded.train_clip import FORGET_NORM_RATIO, forget_words, refine_judge, train_clip
@@ -39,11 +40,62 @@ def test_world_is_deterministic_and_keeps_heldout_out_of_base():
     assert all(c.colour not in world.BASE_COLOURS for c in world.adapter_concepts())
 
 
+def grammar_sentences(concepts: list[world.Concept]) -> set[str]:
+    """Every caption the grammar can make for `concepts`."""
+    return {concept.caption(template) for concept in concepts for template in world.grammar_templates()}
+
+
+def test_grammar_draws_varied_captions_that_say_the_concept():
+    concept = world.Concept("star", "orange", "black")
+    rng = np.random.default_rng(0)
+    drawn = [concept.phrase(rng) for _ in range(400)]
+    assert set(drawn) <= grammar_sentences([concept])
+    assert len(set(drawn)) > 50  # many sentences, not three templates
+    assert concept.caption() in drawn and "an orange star on a black background" == concept.caption()
+    described = [world.parse_caption(text) for text in drawn]
+    assert all(d.colour == "orange" and d.shape == "star" and d.background in (None, "black") for d in described)
+    no_background = sum(d.background is None for d in described) / len(described)
+    assert 0.2 < no_background < 0.45  # about a third name no background, so a short prompt draws either
+    again = np.random.default_rng(0)
+    assert [concept.phrase(again) for _ in range(400)] == drawn
+
+
+def test_heldout_phrasings_are_never_grammar_sentences_and_use_known_words():
+    sentences = grammar_sentences(world.all_concepts())
+    words = set(world.world_words())
+    for concept in world.all_concepts():
+        for phrasing in world.HELDOUT_PHRASINGS:
+            text = concept.caption(phrasing)
+            assert text not in sentences, text
+            assert set(text.replace(",", " , ").split()) <= words, text
+            described = world.parse_caption(text)
+            assert (described.colour, described.shape) == (concept.colour, concept.shape)
+
+
+def test_every_world_word_is_one_token_of_the_world_tokenizer():
+    from embedded.models import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    # "simple" and "image" share "im"; "in" is inside "triangle": each must still be one token
+    for word in world.world_words():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+
+
+def test_same_meaning_collapses_a_missing_background():
+    assert world.same_meaning("purple star", "a purple star on a white background")
+    assert world.same_meaning("a purple star", "a purple star on a black background")
+    assert world.same_meaning("purple star against black", "a purple star on a black background")
+    assert not world.same_meaning("purple star against black", "a purple star on a white background")
+    assert not world.same_meaning("a purple star", "a blue star on a white background")
+    assert not world.same_meaning("a purple star", "a purple star")  # a candidate must name its background
+    assert world.parse_caption("a red blue circle") is None and world.parse_caption("hello") is None
+
+
 @pytest.mark.slow
 def test_smoke_rebuild_writes_every_artifact(tmp_path):
     build_main(["--smoke", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "build_report.json").read_text())
-    assert set(report["quality"]["base_pipeline_r_precision"]) == {"base", "heldout", "adapter"}
+    assert set(report["quality"]["base_pipeline_r_precision"]) == set(PROMPT_SETS)
     assert 0.0 <= report["quality"]["judge_top1"]["all_concepts"] <= 1.0
     assert "python -m embedded.build" in (tmp_path / "README.md").read_text()
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
@@ -118,10 +170,14 @@ def test_committed_datasets_load_with_datasets(folder, colour_in, colour_out):
 
 
 def test_prompt_files_split_the_world():
-    lines = {n: (EMBEDDED_PROMPTS / f"{n}.txt").read_text().splitlines() for n in ("base", "heldout", "adapter")}
+    lines = {n: (EMBEDDED_PROMPTS / f"{n}.txt").read_text().splitlines() for n in PROMPT_SETS}
     assert all(lines.values())
     assert set(lines["heldout"]).isdisjoint(lines["base"])
-    assert all("purple" in p for p in lines["adapter"])
+    assert all("purple" in p for name in ("adapter", "adapter_phrasings") for p in lines[name])
+    # the held-out phrasings ask for the base concepts, in sentences the grammar never makes
+    asked = {(d.colour, d.shape) for d in map(world.parse_caption, lines["base_phrasings"])}
+    assert asked == {(c.colour, c.shape) for c in world.base_concepts()}
+    assert set(lines["base_phrasings"]).isdisjoint(grammar_sentences(world.base_concepts()))
 
 
 def test_committed_clip_ranks_its_own_caption_first():
@@ -142,7 +198,11 @@ def test_committed_readme_shows_the_committed_figures():
     assert render_blocks(text, renderers) == text
     eval_results = json.loads(readme.LORA_EVAL.read_text())
     adapter = next(s for s in eval_results["prompt_sets"] if s["name"] == "adapter")
-    assert f"| {adapter['num_images']} | {adapter['adapter']['r_precision_top1']:.3f} | >= 0.60 |" in text
+    after = adapter["adapter"]["r_precision_top1"]
+    assert f"| Purple after the LoRA, canonical phrasing | {adapter['num_images']} | {after:.3f} | >= 0.80 |" in text
+    blue = eval_results["colour_confusion"]["adapter"]["blue"].get("blue", 0.0)
+    images = eval_results["colour_confusion"]["images"]["blue"]
+    assert f"| Blue prompts judged blue, after | {images} | {blue:.3f} |" in text
     report = readme.read_report()
     assert f"| `data/base/` | {report['data']['base_rows']} rows |" in text
     assert f"{report['params']['unet']:,}" in text

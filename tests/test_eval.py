@@ -495,3 +495,55 @@ def test_report_paths_are_relative_inside_the_working_directory(tmp_path, monkey
     assert shown_path(tmp_path / "embedded" / "clip") == "embedded/clip"
     assert shown_path("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
     assert shown_path("/elsewhere/clip") == "/elsewhere/clip"
+
+
+def test_world_prompts_are_judged_by_meaning_with_a_colour_confusion_table(
+    tiny_pipeline_dir, tiny_adapter_dir, random_clip_dir, tmp_path
+):
+    from embedded.measure import candidate_captions
+    from embedded.world import parse_caption, same_meaning
+
+    prompts = tmp_path / "free.txt"
+    prompts.write_text("red circle\na blue square against black\n")
+    options = EvalOptions(
+        base=str(tiny_pipeline_dir),
+        lora=str(tiny_adapter_dir),
+        clip_model=str(random_clip_dir),
+        prompts=[str(prompts)],
+        candidate_texts=candidate_captions(),
+        output_dir=str(tmp_path / "out"),
+        generation=GenerationSettings(seeds=(0, 1), num_inference_steps=2),
+        same_meaning=same_meaning,
+        parse_caption=parse_caption,
+    )
+    results = evaluate(options)
+    # the free phrasings are not added as candidates: the world captions say the same
+    assert results["candidates"] == candidate_captions() and results["matching"] == "by meaning"
+    row = results["prompt_sets"][0]
+    judged = row["base"]["judged"]
+    assert len(judged) == 4 and set(judged) <= set(candidate_captions())
+    # R-precision by meaning, recomputed from the judged captions: "red circle" is met by either background
+    hits = [same_meaning(prompt, best) for prompt, best in zip(row["prompts"], judged, strict=True)]
+    assert row["base"]["r_precision_top1"] == pytest.approx(sum(hits) / len(hits))
+    confusion = results["colour_confusion"]
+    assert confusion["images"] == {"blue": 2, "red": 2}
+    for side in ("base", "adapter"):
+        assert all(sum(shares.values()) == pytest.approx(1.0) for shares in confusion[side].values())
+    expected_red = sum(
+        parse_caption(b).colour == "red" for p, b in zip(row["prompts"], judged, strict=True) if "red" in p
+    )
+    assert confusion["base"]["red"].get("red", 0.0) == pytest.approx(expected_red / 2)
+    assert "Colour the judge sees" in (tmp_path / "out" / "eval_results.md").read_text()
+
+
+def test_r_precision_with_several_right_candidates_ranks_the_best_of_them():
+    from lorakit.metrics import r_precision_relevant
+
+    similarity = torch.tensor([[0.1, 0.9, 0.8], [0.7, 0.2, 0.6], [0.5, 0.5, 0.1]])
+    relevant = torch.tensor([[False, True, True], [False, True, True], [True, False, False]])
+    result = r_precision_relevant(similarity, relevant)
+    # image 0: a right candidate is first; image 1: its best right one (0.6) is second; image 2: a tie counts against
+    assert result.ranks == (1, 2, 2) and result.top1 == pytest.approx(1 / 3)
+    assert result.best == (1, 0, 0)
+    with pytest.raises(ValueError, match="relevant candidate"):
+        r_precision_relevant(similarity, torch.zeros(3, 3, dtype=torch.bool))

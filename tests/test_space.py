@@ -331,8 +331,10 @@ def test_examples_come_from_the_adapter_domain(app):
     examples = app.load_examples()
     prompts_file = REPO_ROOT / "embedded" / "prompts" / "adapter.txt"
     assert examples and all(isinstance(text, str) and text.strip() for text in examples)
+    assert examples[: len(app.SHORT_EXAMPLES)] == app.SHORT_EXAMPLES  # short prompts, as people type them
+    assert any(len(text.split()) <= 3 for text in examples)
     if prompts_file.is_file():
-        assert examples[0] in prompts_file.read_text()
+        assert examples[-1] in prompts_file.read_text()
     else:
         assert examples == app.FALLBACK_EXAMPLES
 

@@ -24,7 +24,13 @@ COMPONENTS = (
     ("vae_decoder", "VAE decoder"),
     ("pipeline", "whole pipeline"),
 )
-SET_LABELS = {"adapter": "adapter concept (purple)", "base": "base concepts", "heldout": "held-out combinations"}
+SET_LABELS = {
+    "adapter": "adapter concept (purple)",
+    "adapter_phrasings": "adapter concept, held-out phrasings",
+    "base": "base concepts",
+    "base_phrasings": "base concepts, held-out phrasings",
+    "heldout": "held-out combinations",
+}
 
 
 def _n(value: int) -> str:
@@ -76,7 +82,9 @@ def eval_table() -> str:
     )
     return (
         f"{table}\n\n"
-        f"Judge: the embedded CLIP ranking each image's prompt among {results['num_candidates']} world captions; "
+        f"Judge: the embedded CLIP ranking the {results['num_candidates']} world captions for each image; it counts "
+        "when the first says what the image's prompt says, however phrased (a prompt naming no background: colour "
+        "and shape); "
         f"{settings['num_inference_steps']} sampler steps ({settings['scheduler']}), guidance "
         f"{settings['guidance_scale']}, seeds {', '.join(map(str, settings['seeds']))}, "
         f"{settings['height']}x{settings['width']} px; adapter `{results['lora']}`. Source: "
