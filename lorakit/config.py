@@ -488,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         values.update(layer)
         if layer.get("dataset_name") and "train_data_dir" not in layer:
             values["train_data_dir"] = None  # a dataset named in a later layer replaces an earlier folder
+        if layer.get("train_data_dir") and "dataset_name" not in layer:
+            values["dataset_name"] = None  # and a folder named in a later layer replaces an earlier Hub dataset
     owners = _field_owner()
     per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in values.items():
