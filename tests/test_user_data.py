@@ -156,7 +156,8 @@ def test_folder_with_captions_but_no_images(capsys, tiny_pipeline_dir, tmp_path)
 def test_bucket_step_must_be_a_multiple_of_the_vae_factor(capsys, tiny_pipeline_dir, tmp_path):
     root = make_repeat_tree(tmp_path / "data")
     flags = ["--resolution", "40", "--enable_bucket", "--bucket_reso_steps", "10"]
-    code, err = run_main(capsys, tiny_pipeline_dir, root, tmp_path / "out", *flags, "--min_bucket_reso", "20")
+    flags += ["--min_bucket_reso", "20", "--max_bucket_reso", "80"]
+    code, err = run_main(capsys, tiny_pipeline_dir, root, tmp_path / "out", *flags)
     assert code == 2 and "--bucket_reso_steps 10 is not a multiple of the VAE factor 4: use 8 or 12" in err
 
 
