@@ -71,7 +71,7 @@ def test_detection_order_of_the_formats(tmp_path):
     assert source is None and rows["text"][0] == "a red circle on a white background"
 
     saved = tmp_path / "saved"
-    datasets.Dataset.from_dict({"image": [], "text": []}).save_to_disk(str(saved))
+    datasets.Dataset.from_dict({"text": ["a row"]}).save_to_disk(str(saved))
     (saved / "x.txt").write_text("ignored")
     assert load_source(data_config(saved))[1] is None
 
