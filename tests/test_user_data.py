@@ -345,3 +345,8 @@ def test_bucketed_dataset_yields_each_sample_at_its_bucket(tmp_path):
     for index, (width, height) in enumerate(data.buckets):
         assert dataset[index]["pixel_values"].shape == (3, height, width)
     assert json.dumps(data.bucket_histogram)  # what the summary stores
+
+
+def test_a_folder_on_the_command_line_replaces_the_presets_hub_dataset():
+    cfg = parse_args(["--config", "configs/bk-sdm-tiny-naruto.yaml", "--train_data_dir", "my-data"])
+    assert cfg.data.train_data_dir == "my-data" and cfg.data.dataset_name is None
