@@ -350,3 +350,38 @@ def test_bucketed_dataset_yields_each_sample_at_its_bucket(tmp_path):
 def test_a_folder_on_the_command_line_replaces_the_presets_hub_dataset():
     cfg = parse_args(["--config", "configs/bk-sdm-tiny-naruto.yaml", "--train_data_dir", "my-data"])
     assert cfg.data.train_data_dir == "my-data" and cfg.data.dataset_name is None
+
+
+def test_the_start_reports_the_scan_the_orphans_and_the_buckets(tmp_path, capsys, caplog):
+    from types import SimpleNamespace
+
+    root = make_repeat_tree(tmp_path / "data")
+    (root / "1_background" / "gone.txt").write_text("its image was deleted")
+    (root / "1_background" / "also-gone.txt").write_text("and this one's")
+    data = prepare_dataset(data_config(root, *BUCKET_FLAGS), seed=0)
+    train_lora.report_data(SimpleNamespace(print=print), data)
+    out = capsys.readouterr().out
+    assert "Read 6 images with caption files (12 samples per epoch with repeats)" in out
+    assert "1 captioned by their repeat folder's name, 1 non-image file(s) skipped" in out
+    assert "Buckets (width x height: samples): 32x64: 4, 48x48: 4, 64x32: 4." in out
+    assert "2 caption file(s) have no image beside them" in caplog.text
+
+
+def test_validation_images_at_the_training_resolution_unless_sized():
+    from types import SimpleNamespace
+
+    from lorakit.config import ValidationArgs
+    from lorakit.validation import render_validation_images
+
+    sizes = []
+
+    def pipe(prompt, height, width, **kwargs):
+        sizes.append((width, height))
+        return SimpleNamespace(images=[None])
+
+    pipe.unet = SimpleNamespace(dtype=torch.float32)
+    square = ValidationArgs(validation_prompt=["a"], num_validation_images=1)
+    sized = ValidationArgs(validation_prompt=["a"], num_validation_images=1, validation_width=64, validation_height=32)
+    for validation in (square, sized):
+        render_validation_images(pipe, validation, 48, torch.device("cpu"))
+    assert sizes == [(48, 48), (64, 32)]
