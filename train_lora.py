@@ -320,6 +320,9 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
     text_encoder = accelerator.prepare(models.text_encoder) if cfg.lora.train_text_encoder else models.text_encoder
     trained = [unet] + ([text_encoder] if cfg.lora.train_text_encoder else [])
     ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None, token_offsets)
+    fingerprint = current_fingerprint(cfg, data.fingerprint, accelerator.num_processes)
+    if bucket_sampler is not None:  # bucket batches are drawn at the micro-batch size: another split, other batches
+        fingerprint["bucket_batch_size"] = layout.micro_batch_size
     return Run(
         models=models,
         unet=unet,
@@ -334,7 +337,7 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
         train_data=train_data,
         num_batches=num_batches,
         total_steps=total_steps,
-        fingerprint=current_fingerprint(cfg, data.fingerprint, accelerator.num_processes),
+        fingerprint=fingerprint,
         lora_parameters=count_parameters(accelerator.unwrap_model(unet), trainable_only=True),
         layout=layout,
         latent_cache=latent_cache_info,

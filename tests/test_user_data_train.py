@@ -131,3 +131,13 @@ def test_two_processes_see_each_bucketed_sample_once(tiny_pipeline_dir, repeat_t
     assert sorted(indices) == list(range(12))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["global_step"] == 3
+
+
+def test_bucketed_resume_under_another_micro_batch_is_refused(tiny_pipeline_dir, repeat_tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    train_in_process(tiny_pipeline_dir, repeat_tree, out, *BUCKET_FLAGS, "--checkpointing_steps", "3")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    split = ["--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--resume_from_checkpoint", "latest"]
+    code = train_lora.main(tiny_train_args(tiny_pipeline_dir, repeat_tree, out, *BUCKET_FLAGS, *split))
+    err = capsys.readouterr().err
+    assert code == 2 and "bucket_batch_size: checkpoint 2, now 1" in err
