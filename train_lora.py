@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 
 from lorakit import checkpoint as ckpt
 from lorakit import latent_cache, outputs
+from lorakit.buckets import BucketBatchSampler
+from lorakit.captions import CaptionOptions, count_truncated, trigger_word
 from lorakit.card import resolve_license, write_model_card
 from lorakit.config import ConfigError, TrainConfig, parse_args
 from lorakit.data import (
@@ -103,7 +105,9 @@ def preflight(cfg: TrainConfig) -> None:
     outputs.check_output_dir(cfg)
     if cfg.training.use_8bit_adam:
         check_8bit_adam_available()
-    check_resolution(cfg.data.resolution, vae_scale_factor_from_config(cfg.model))
+    vae_factor = vae_scale_factor_from_config(cfg.model)
+    check_resolution(cfg.data.resolution, vae_factor)
+    check_data_options(cfg, vae_factor)
     if cfg.lora.init_adapter and not (Path(cfg.lora.init_adapter) / ADAPTER_FILE).is_file():
         raise ConfigError(
             f"--init_adapter {cfg.lora.init_adapter} has no {ADAPTER_FILE}: point it at a finished run folder."
@@ -112,6 +116,44 @@ def preflight(cfg: TrainConfig) -> None:
         word_token_ids(load_tokenizer(cfg.model), cfg.lora.train_token_embeddings)
     if cfg.training.mixed_precision == "fp16":  # the device accelerate will use, known before any data is read
         check_precision_fits("fp16", process_state().device.type, requested_choice("fp16").reason)
+
+
+def check_data_options(cfg: TrainConfig, vae_factor: int) -> None:
+    """Bucket and validation sizes the VAE can divide; caption flags the latent cache can honour."""
+    if cfg.data.enable_bucket and cfg.data.bucket_reso_steps % vae_factor:
+        step = cfg.data.bucket_reso_steps
+        raise ConfigError(
+            f"--bucket_reso_steps {step} is not a multiple of the VAE factor {vae_factor}: use "
+            f"{max(vae_factor, step // vae_factor * vae_factor)} or {(step // vae_factor + 1) * vae_factor}."
+        )
+    for name in ("validation_width", "validation_height"):
+        value = getattr(cfg.validation, name)
+        if value is not None and value % vae_factor:
+            raise ConfigError(f"--{name} {value} is not a multiple of the VAE factor {vae_factor}.")
+    if cfg.data.shuffle_caption and cfg.training.cache_latents:
+        raise ConfigError(
+            "--shuffle_caption with --cache_latents: the cache encodes each caption once, so every epoch would see "
+            "the same order. Drop one of the two."
+        )
+
+
+def report_data(accelerator: Accelerator, data: TrainingData) -> None:
+    """What the folder scan found and how the samples fall into buckets, before anything slow starts."""
+    if data.source is not None:
+        source = data.source
+        accelerator.print(
+            f"Read {source['images']} images with caption files ({source['rows']} samples per epoch with repeats); "
+            f"{source['folder_captions']} captioned by their repeat folder's name, {source['skipped_files']} "
+            "non-image file(s) skipped."
+        )
+        if source["orphan_captions"]:
+            logger.warning(
+                "%d caption file(s) have no image beside them and were ignored (an image renamed or deleted?).",
+                source["orphan_captions"],
+            )
+    if data.bucket_histogram is not None:
+        shown = ", ".join(f"{size}: {count}" for size, count in data.bucket_histogram.items())
+        accelerator.print(f"Buckets (width x height: samples): {shown}.")
 
 
 def check_processes(cfg: TrainConfig, accelerator: Accelerator) -> None:
@@ -149,14 +191,18 @@ def accelerator_in_precision(cfg: TrainConfig) -> tuple[Accelerator, PrecisionCh
 
 
 def make_dataloader(
-    cfg: TrainConfig, dataset: torch.utils.data.Dataset, batch_size: int
+    cfg: TrainConfig,
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    bucket_sampler: BucketBatchSampler | None = None,
 ) -> torch.utils.data.DataLoader:
-    """Micro-batches of `batch_size`; workers decode and resize off the main process; pinned memory speeds copies."""
+    """Micro-batches of `batch_size` (or the bucket sampler's); workers decode and resize off the main process;
+    pinned memory speeds copies."""
     workers = cfg.data.dataloader_num_workers
+    batching = {"batch_sampler": bucket_sampler} if bucket_sampler else {"batch_size": batch_size, "shuffle": True}
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=True,
+        **batching,
         collate_fn=collate_examples,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
@@ -173,6 +219,7 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
     preflight(cfg)
     data = prepare_dataset(cfg.data, cfg.training.seed)
     accelerator, precision = accelerator_in_precision(cfg)  # `auto` may probe the UNet: after the data checks
+    report_data(accelerator, data)
     check_processes(cfg, accelerator)
     set_seed(cfg.training.seed)
     stop = StopRequest()
@@ -218,6 +265,8 @@ class Run:
     lora_parameters: int
     layout: BatchLayout
     latent_cache: dict | None = None
+    bucket_sampler: BucketBatchSampler | None = None
+    truncated_captions: int | None = None
 
 
 def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Run:
@@ -234,6 +283,7 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
     layout = choose_layout(cfg, accelerator, models, trainable)
     accelerator.gradient_accumulation_steps = layout.gradient_accumulation_steps  # made before the layout was known
     apply_speed_options(cfg, models)
+    captions = CaptionOptions.from_config(cfg.data)
     train_data = CaptionedImageDataset(
         data.rows,
         data.image_column,
@@ -243,7 +293,10 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
         cfg.data.center_crop,
         cfg.data.random_flip,
         cfg.training.seed,
+        captions=captions,
+        sizes=data.buckets,
     )
+    truncated = report_truncated(accelerator, data, models.tokenizer, captions.prefix)
     latent_cache_info = None
     if cfg.training.cache_latents:
         with accelerator.main_process_first():
@@ -252,7 +305,12 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
             )
         latent_cache_info = {"path": str(path), "hit": hit}
         accelerator.print(f"Latent cache {'reused' if hit else 'written'}: {path}")
-    dataloader = make_dataloader(cfg, train_data, layout.micro_batch_size)
+    bucket_sampler = None
+    if data.buckets is not None:
+        bucket_sampler = BucketBatchSampler(
+            data.buckets, layout.micro_batch_size, cfg.training.seed, accelerator.num_processes
+        )
+    dataloader = make_dataloader(cfg, train_data, layout.micro_batch_size, bucket_sampler)
     learning_rate = scaled_learning_rate(cfg, accelerator.num_processes)
     optimizer = make_optimizer(params, cfg.training, learning_rate, token_offsets, cfg.lora.token_embedding_lr)
     num_batches = math.ceil(len(dataloader) / accelerator.num_processes)
@@ -262,6 +320,9 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
     text_encoder = accelerator.prepare(models.text_encoder) if cfg.lora.train_text_encoder else models.text_encoder
     trained = [unet] + ([text_encoder] if cfg.lora.train_text_encoder else [])
     ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None, token_offsets)
+    fingerprint = current_fingerprint(cfg, data.fingerprint, accelerator.num_processes)
+    if bucket_sampler is not None:  # bucket batches are drawn at the micro-batch size: another split, other batches
+        fingerprint["bucket_batch_size"] = layout.micro_batch_size
     return Run(
         models=models,
         unet=unet,
@@ -276,11 +337,25 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
         train_data=train_data,
         num_batches=num_batches,
         total_steps=total_steps,
-        fingerprint=current_fingerprint(cfg, data.fingerprint, accelerator.num_processes),
+        fingerprint=fingerprint,
         lora_parameters=count_parameters(accelerator.unwrap_model(unet), trainable_only=True),
         layout=layout,
         latent_cache=latent_cache_info,
+        bucket_sampler=bucket_sampler,
+        truncated_captions=truncated,
     )
+
+
+def report_truncated(accelerator: Accelerator, data: TrainingData, tokenizer, prefix: str) -> int:
+    """Captions longer than the text encoder reads are cut (as always); say how many, with one example."""
+    captions = [c if isinstance(c, str) else str(c) for c in data.rows[data.caption_column]]
+    count, example = count_truncated(captions, tokenizer, prefix)
+    if count:
+        accelerator.print(
+            f"{count} caption(s) are longer than the tokenizer's {tokenizer.model_max_length} tokens and are "
+            f"truncated, e.g. {example[:200]!r}."
+        )
+    return count
 
 
 def inherit_learned_words(init_adapter: str | None, models: Models) -> dict[str, torch.Tensor]:
@@ -323,6 +398,8 @@ def train_epoch(
     """The rest of the current epoch (all of it unless resumed mid-epoch); returns early at the last step."""
     run.train_data.set_epoch(state.epoch)
     run.dataloader.set_epoch(state.epoch)
+    if run.bucket_sampler is not None:  # under several processes accelerate's shard hides it from set_epoch
+        run.bucket_sampler.set_epoch(state.epoch)
     loader = run.dataloader
     if state.batches_in_epoch:
         loader = accelerator.skip_first_batches(run.dataloader, state.batches_in_epoch)
@@ -433,7 +510,11 @@ def write_outputs(
         auto_micro_batch=run.layout.auto,
         learned_words=list(cfg.lora.train_token_embeddings),
         validation=validation,
+        instance_prompt=trigger_word(cfg.data.caption_prefix),
         license=resolve_license(cfg.model.pretrained_model_name_or_path, None)[0],
+        data_source=data.source,
+        bucket_histogram=data.bucket_histogram,
+        truncated_captions=run.truncated_captions,
     )
     write_summary(out, summary)
     write_model_card(out)

@@ -360,8 +360,15 @@ def full_documents(results: Path = RESULTS_DIR) -> list[dict]:
 
     Training before generation, CPU before GPU: the page reads from the trainer to the demo.
     """
-    # Other kinds (space-adapters) are stored beside these but not rendered on this page.
-    documents = [d for d in read_results(results) if d.get("mode") == "full" and d["kind"] in ("train", "generate")]
+    # Other kinds (space-adapters) and the own-data cases (train-own-data-*.json, read by their checks) are stored
+    # beside these but not rendered on this page.
+    documents = [
+        d
+        for d in read_results(results)
+        if d.get("mode") == "full"
+        and d["kind"] in ("train", "generate")
+        and not d.get("file", "").startswith("train-own-data")
+    ]
     return sorted(documents, key=lambda d: (d["kind"] != "train", bool(d["machine"].get("gpu"))))
 
 

@@ -159,6 +159,26 @@ def batch_layout_rows(summary: TrainSummary) -> list[tuple[str, str]]:
     ]
 
 
+def data_rows(summary: TrainSummary) -> list[tuple[str, str]]:
+    """Results rows of how a folder of captioned images was read and how its samples fell into buckets."""
+    rows = []
+    source = summary.data_source
+    if source:
+        rows.append(
+            (
+                "Images (caption files)",
+                f"{source['images']:,} images, {source['rows']:,} samples per epoch with repeat folders; "
+                f"{source['folder_captions']:,} captioned by their folder's name",
+            )
+        )
+    if summary.bucket_histogram:
+        shown = ", ".join(f"{size}: {count:,}" for size, count in summary.bucket_histogram.items())
+        rows.append(("Aspect-ratio buckets (WxH: samples)", shown))
+    if summary.truncated_captions:
+        rows.append(("Captions truncated to the tokenizer's limit", f"{summary.truncated_captions:,}"))
+    return rows
+
+
 def to_eval_result(metric: dict) -> EvalResult:
     """One metric of the `update_card_with_eval` schema as a huggingface_hub `EvalResult` (model-index)."""
     return EvalResult(
@@ -264,6 +284,7 @@ def render_model_card(
         ("Mixed precision", summary.mixed_precision),
         *([("Precision chosen by", summary.precision_choice)] if summary.precision_choice else []),
         *batch_layout_rows(summary),
+        *data_rows(summary),
         ("LoRA trainable parameters", f"{summary.lora_trainable_parameters:,}"),
         ("Adapter file size", f"{human_size(adapter_bytes)} ({adapter_bytes:,} bytes)"),
     ]

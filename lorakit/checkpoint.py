@@ -37,6 +37,7 @@ TRAIN_STATE_FILE = "train_state.json"
 RESUME_HINTS = {
     "effective_batch_size": "train_batch_size x gradient_accumulation_steps per process; another split of the "
     "same product resumes",
+    "bucket_batch_size": "with --enable_bucket the batches are drawn per micro-batch, so it must stay the same",
 }
 
 

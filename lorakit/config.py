@@ -85,6 +85,44 @@ class DataConfig:
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded datasets are cached."})
+    caption_extension: str = field(
+        default=".txt",
+        metadata={"help": "Extension of the caption file beside each image in a folder of images (.caption too)."},
+    )
+    caption_prefix: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text put before every caption, e.g. a trigger word 'nrt style, '; the model card names it as "
+            "the trigger word and its prompts carry it."
+        },
+    )
+    caption_dropout_rate: float = field(
+        default=0.0,
+        metadata={"help": "Share of samples trained on the empty caption (classifier-free guidance), e.g. 0.05."},
+    )
+    shuffle_caption: bool = field(
+        default=False, metadata={"help": "Shuffle a caption's parts (split by --caption_separator) each epoch."}
+    )
+    keep_tokens: int = field(
+        default=0, metadata={"help": "With --shuffle_caption: the first N parts stay in place (e.g. a trigger word)."}
+    )
+    caption_separator: str = field(default=", ", metadata={"help": "What splits a caption into parts for shuffling."})
+    enable_bucket: bool = field(
+        default=False,
+        metadata={
+            "help": "Aspect-ratio buckets: each image trains at the bucket size nearest its shape (area at most "
+            "resolution squared) instead of a square crop; every batch comes from one bucket."
+        },
+    )
+    min_bucket_reso: int = field(default=256, metadata={"help": "Smallest bucket side in pixels."})
+    max_bucket_reso: int = field(default=1024, metadata={"help": "Largest bucket side in pixels."})
+    bucket_reso_steps: int = field(
+        default=64, metadata={"help": "Bucket sides are multiples of this (itself a multiple of the VAE factor)."}
+    )
+    bucket_no_upscale: bool = field(
+        default=False,
+        metadata={"help": "Never enlarge an image: a small image gets a bucket of its own size, rounded down."},
+    )
 
     def __post_init__(self) -> None:
         if not self.dataset_name and not self.train_data_dir:
@@ -104,6 +142,41 @@ class DataConfig:
             )
         if self.mix_weights and (any(w <= 0 for w in self.mix_weights) or not self.mix_train_data_dir):
             raise ConfigError("--mix_weights must be positive and go with --mix_train_data_dir.")
+        if not self.caption_extension.strip("."):
+            raise ConfigError("--caption_extension is empty: use .txt or .caption.")
+        self.caption_extension = "." + self.caption_extension.lstrip(".")
+        if not 0.0 <= self.caption_dropout_rate < 1.0:
+            raise ConfigError(f"--caption_dropout_rate {self.caption_dropout_rate} is invalid: use a value in [0, 1).")
+        if self.keep_tokens < 0:
+            raise ConfigError(f"--keep_tokens {self.keep_tokens} is invalid: use 0 or more.")
+        if self.keep_tokens and not self.shuffle_caption:
+            raise ConfigError("--keep_tokens only applies with --shuffle_caption: add it, or drop --keep_tokens.")
+        if self.shuffle_caption and not self.caption_separator:
+            raise ConfigError("--caption_separator is empty: use the text between caption parts, e.g. ', '.")
+        if self.enable_bucket:
+            self._check_buckets()
+
+    def _check_buckets(self) -> None:
+        step = self.bucket_reso_steps
+        if step < 8:
+            raise ConfigError(f"--bucket_reso_steps {step} is too small: use 64 (or at least 8).")
+        for name in ("min_bucket_reso", "max_bucket_reso"):
+            value = getattr(self, name)
+            if value < step or value % step:
+                raise ConfigError(
+                    f"--{name} {value} is not a positive multiple of --bucket_reso_steps {step}: "
+                    f"use {max(step, value // step * step)}."
+                )
+        if not self.min_bucket_reso <= self.resolution <= self.max_bucket_reso:
+            raise ConfigError(
+                f"--resolution {self.resolution} lies outside the bucket sides [{self.min_bucket_reso}, "
+                f"{self.max_bucket_reso}]: set --min_bucket_reso at most, --max_bucket_reso at least the resolution."
+            )
+        if self.resolution < step:
+            raise ConfigError(
+                f"--resolution {self.resolution} is smaller than --bucket_reso_steps {step}: no bucket fits; "
+                f"lower --bucket_reso_steps (e.g. {max(8, self.resolution // 4)})."
+            )
 
 
 @dataclass
@@ -252,12 +325,22 @@ class ValidationArgs:
     validation_seed: int = field(default=0, metadata={"help": "First seed of the validation images."})
     validation_inference_steps: int = field(default=25, metadata={"help": "Sampler steps for validation."})
     validation_guidance_scale: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
+    validation_width: int | None = field(
+        default=None, metadata={"help": "Width of the validation images (default: --resolution)."}
+    )
+    validation_height: int | None = field(
+        default=None, metadata={"help": "Height of the validation images (default: --resolution)."}
+    )
 
     def __post_init__(self) -> None:
         if self.num_validation_images < 1:
             raise ConfigError("--num_validation_images must be at least 1.")
         if self.validation_steps is not None and self.validation_steps < 1:
             raise ConfigError("--validation_steps must be at least 1 (or left out).")
+        for name in ("validation_width", "validation_height"):
+            value = getattr(self, name)
+            if value is not None and value < 8:
+                raise ConfigError(f"--{name} {value} is too small: use at least 8 pixels (or leave it out).")
 
 
 @dataclass
@@ -405,6 +488,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         values.update(layer)
         if layer.get("dataset_name") and "train_data_dir" not in layer:
             values["train_data_dir"] = None  # a dataset named in a later layer replaces an earlier folder
+        if layer.get("train_data_dir") and "dataset_name" not in layer:
+            values["dataset_name"] = None  # and a folder named in a later layer replaces an earlier Hub dataset
     owners = _field_owner()
     per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     for key, value in values.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,7 +18,10 @@ import torch
 import yaml
 from PIL import Image, UnidentifiedImageError
 
+from lorakit.buckets import BucketSpec, Size, assign_buckets, histogram
+from lorakit.captions import CaptionOptions, apply_options
 from lorakit.config import ConfigError, DataConfig
+from lorakit.sidecar import SidecarError, is_sidecar_folder, scan_folder
 
 # Column names tried, in order, when --image_column / --caption_column are not given.
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "images", "pixel_values")
@@ -38,14 +42,42 @@ class TrainingData:
     # Hash of every row's image (bytes, or path + size + mtime) and caption, in order: the latent cache and resume
     # compare it, so any change of the data (an edited caption, a replaced image, another order) is seen.
     fingerprint: str
+    # How the folder was read and what its scan counted (sidecar captions only; None for the other formats).
+    source: dict | None = None
+    # Each row's training size (width, height) with --enable_bucket; None: every row trains square.
+    buckets: list[Size] | None = None
+
+    @property
+    def bucket_histogram(self) -> dict[str, int] | None:
+        return histogram(self.buckets) if self.buckets is not None else None
 
 
 def _is_saved_to_disk(folder: Path) -> bool:
     return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
 
 
-def load_raw_dataset(cfg: DataConfig) -> datasets.Dataset:
-    """Load the train split from a Hub id or a local folder (imagefolder, parquet, or save_to_disk)."""
+def sidecar_dataset(folder: Path, caption_extension: str) -> tuple[datasets.Dataset, dict]:
+    """A folder of images with caption files as rows (`image`, `text`), each image repeated per its folder,
+    and the scan's counts."""
+    try:
+        scan = scan_folder(folder, caption_extension)
+    except SidecarError as error:
+        raise DataError(str(error)) from error
+    rows = {"image": [], "text": []}
+    for image, caption, repeats in zip(scan.images, scan.captions, scan.repeats, strict=True):
+        rows["image"] += [image] * repeats
+        rows["text"] += [caption] * repeats
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    return datasets.Dataset.from_dict(rows, features=features), {"format": "sidecar captions", **scan.report()}
+
+
+def load_source(cfg: DataConfig) -> tuple[datasets.Dataset, dict | None]:
+    """The train split from a Hub id or a local folder, and the sidecar scan's counts (None for other formats).
+
+    A local folder is read as the first of: a `save_to_disk` folder; data files `datasets` reads (an imagefolder
+    with `metadata.jsonl`/`.csv`, parquet); images with caption files beside them (`lorakit.sidecar`); an
+    imagefolder without captions (which fails with the missing caption column).
+    """
     source = cfg.train_data_dir or cfg.dataset_name
     local = Path(source)
     if cfg.train_data_dir is not None or local.exists():
@@ -53,9 +85,11 @@ def load_raw_dataset(cfg: DataConfig) -> datasets.Dataset:
             raise DataError(f"Dataset folder {local} does not exist. Check --train_data_dir (or --dataset_name).")
         if _is_saved_to_disk(local):
             loaded = datasets.load_from_disk(str(local))
-            return loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded
+            return (loaded["train"] if isinstance(loaded, datasets.DatasetDict) else loaded), None
+        if is_sidecar_folder(local, cfg.caption_extension):
+            return sidecar_dataset(local, cfg.caption_extension)
         try:
-            return datasets.load_dataset(str(local), split="train", cache_dir=cfg.cache_dir)
+            return datasets.load_dataset(str(local), split="train", cache_dir=cfg.cache_dir), None
         except yaml.YAMLError as error:
             raise DataError(
                 f"{local / 'README.md'} has a YAML header that does not parse ({error.problem}); quote values "
@@ -67,7 +101,13 @@ def load_raw_dataset(cfg: DataConfig) -> datasets.Dataset:
                     f"The dataset folder {local} is empty: it has no images or rows to train on."
                 ) from error
             raise DataError(f"Could not read a dataset from {local}: {error}") from error
-    return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split="train", cache_dir=cfg.cache_dir)
+    hub = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split="train", cache_dir=cfg.cache_dir)
+    return hub, None
+
+
+def load_raw_dataset(cfg: DataConfig) -> datasets.Dataset:
+    """Load the train split from a Hub id or a local folder (see `load_source` for the formats)."""
+    return load_source(cfg)[0]
 
 
 def _detect(columns: list[str], candidates: tuple[str, ...], features: datasets.Features, want_image: bool) -> str:
@@ -119,23 +159,42 @@ def _image_identity(value: Any) -> bytes:
 
 def check_images(dataset: datasets.Dataset, image_column: str) -> str:
     """Fail fast on an unreadable image (header check of every row, no full decode); return the images' hash."""
+    return scan_images(dataset, image_column)[0]
+
+
+def scan_images(dataset: datasets.Dataset, image_column: str) -> tuple[str, list[Size]]:
+    """`check_images`, also returning each row's (width, height) from its header; a file repeated in several
+    rows (repeat folders) is opened once."""
     digest = hashlib.sha256()
+    sizes: list[Size] = []
+    seen: dict[str, tuple[bytes, Size]] = {}
     raw = (
         dataset.cast_column(image_column, datasets.Image(decode=False))
         if isinstance(dataset.features[image_column], datasets.Image)
         else dataset
     )
     for index, value in enumerate(raw[image_column]):
+        path = value.get("path") if isinstance(value, dict) and value.get("bytes") is None else None
+        if path is not None and path in seen:
+            identity, size = seen[path]
+            digest.update(identity)
+            sizes.append(size)
+            continue
         try:
             with _open_image(value) as image:
+                size = image.size
                 image.verify()
-            digest.update(_image_identity(value))
+            identity = _image_identity(value)
+            digest.update(identity)
+            sizes.append(size)
+            if path is not None:
+                seen[path] = (identity, size)
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             where = value.get("path") if isinstance(value, dict) else f"row {index}"
             raise DataError(
                 f"Image at row {index} ({where}) cannot be read: {error}. Remove or replace it."
             ) from error
-    return digest.hexdigest()
+    return digest.hexdigest(), sizes
 
 
 def data_fingerprint(image_digest: str, captions: list[Any]) -> str:
@@ -146,12 +205,12 @@ def data_fingerprint(image_digest: str, captions: list[Any]) -> str:
     return digest.hexdigest()[:20]
 
 
-def _load_checked(cfg: DataConfig) -> tuple[datasets.Dataset, str, str]:
-    dataset = load_raw_dataset(cfg)
+def _load_checked(cfg: DataConfig) -> tuple[datasets.Dataset, str, str, dict | None]:
+    dataset, source = load_source(cfg)
     if len(dataset) == 0:
         raise DataError(f"The dataset {cfg.train_data_dir or cfg.dataset_name} is empty: it has no rows to train on.")
     image_column, caption_column = resolve_columns(dataset, cfg)
-    return dataset, image_column, caption_column
+    return dataset, image_column, caption_column, source
 
 
 def mix_datasets(
@@ -165,7 +224,7 @@ def mix_datasets(
     parts = [main.select_columns([image_column, caption_column])]
     for folder in cfg.mix_train_data_dir:
         extra_cfg = DataConfig(train_data_dir=folder, resolution=cfg.resolution)
-        extra, extra_image, extra_caption = _load_checked(extra_cfg)
+        extra, extra_image, extra_caption, _ = _load_checked(extra_cfg)
         extra = extra.select_columns([extra_image, extra_caption])
         extra = extra.rename_columns({extra_image: image_column, extra_caption: caption_column})
         parts.append(extra.cast(parts[0].features))
@@ -177,14 +236,31 @@ def mix_datasets(
 
 def prepare_dataset(cfg: DataConfig, seed: int) -> TrainingData:
     """Load, check, mix and subsample the training data before any model is loaded."""
-    dataset, image_column, caption_column = _load_checked(cfg)
+    dataset, image_column, caption_column, source = _load_checked(cfg)
     if cfg.mix_train_data_dir:
         dataset = mix_datasets(dataset, image_column, caption_column, cfg, seed)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(cfg.max_train_samples))
-    image_digest = check_images(dataset, image_column)
+    image_digest, sizes = scan_images(dataset, image_column)
     fingerprint = data_fingerprint(image_digest, dataset[caption_column])
-    return TrainingData(dataset, image_column, caption_column, fingerprint)
+    # The caption and bucket flags change what trains on each row: they are part of the data a checkpoint or a
+    # latent cache was made from. Left out when unused, so runs without them keep their earlier fingerprints.
+    options = training_view(cfg)
+    if options:
+        fingerprint = data_fingerprint(fingerprint, [options])
+    buckets = assign_buckets(sizes, BucketSpec.from_config(cfg)) if cfg.enable_bucket else None
+    return TrainingData(dataset, image_column, caption_column, fingerprint, source, buckets)
+
+
+def training_view(cfg: DataConfig) -> dict:
+    """The caption and bucket flags that differ from their defaults."""
+    view = {}
+    options = CaptionOptions.from_config(cfg)
+    if options.changes_captions:
+        view["captions"] = dataclasses.asdict(options)
+    if cfg.enable_bucket:
+        view["buckets"] = dataclasses.asdict(BucketSpec.from_config(cfg))
+    return view
 
 
 def pick_caption(value: Any, rng: random.Random) -> str:
@@ -198,13 +274,20 @@ def pick_caption(value: Any, rng: random.Random) -> str:
 
 def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random) -> Image.Image:
     """Resize the shorter side to `resolution`, then crop a square (center or random)."""
+    return resize_and_crop_to(image, (resolution, resolution), center_crop, rng)
+
+
+def resize_and_crop_to(image: Image.Image, size: Size, center_crop: bool, rng: random.Random) -> Image.Image:
+    """Resize to just cover `size` (width, height), then crop the rest (center or random): the least crop that
+    keeps the aspect ratio."""
     width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    target_w, target_h = size
+    scale = max(target_w / width, target_h / height)
+    new_size = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
     image = image.resize(new_size, Image.Resampling.BICUBIC)
-    slack_x, slack_y = new_size[0] - resolution, new_size[1] - resolution
+    slack_x, slack_y = new_size[0] - target_w, new_size[1] - target_h
     left, top = (slack_x // 2, slack_y // 2) if center_crop else (rng.randint(0, slack_x), rng.randint(0, slack_y))
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + target_w, top + target_h))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -230,6 +313,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     random_flip: bool = False
     seed: int = 0
     epoch: int = 0
+    captions: CaptionOptions = CaptionOptions()
+    sizes: list[Size] | None = None  # each row's (width, height) with buckets; None: `resolution` squared
 
     def __post_init__(self) -> None:
         # Shared memory, so persistent DataLoader workers see the new epoch too (they keep their copy
@@ -246,12 +331,13 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = random.Random(f"{self.seed}/{self._shared_epoch.value}/{index}")
         row = self.rows[int(index)]
-        image = resize_and_crop(
-            _open_image(row[self.image_column]).convert("RGB"), self.resolution, self.center_crop, rng
-        )
+        size = tuple(self.sizes[index]) if self.sizes is not None else (self.resolution, self.resolution)
+        image = resize_and_crop_to(_open_image(row[self.image_column]).convert("RGB"), size, self.center_crop, rng)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         caption = pick_caption(row[self.caption_column], rng)
+        if self.captions.changes_captions:
+            caption = apply_options(caption, self.captions, self.seed, self._shared_epoch.value, int(index))
         input_ids = self.tokenizer(
             caption,
             max_length=self.tokenizer.model_max_length,

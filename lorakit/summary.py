@@ -62,6 +62,19 @@ class TrainSummary:
     validation: list[ValidationImage] = field(default_factory=list, metadata={"help": "Final validation images."})
     instance_prompt: str | None = field(default=None, metadata={"help": "The prompt that names the concept."})
     license: str | None = field(default=None, metadata={"help": "Licence id of the adapter (the base's)."})
+    data_source: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "How a folder of images with caption files was read: format, images, rows (images x repeats), "
+            "folder_captions (images captioned by their repeat folder's words), skipped_files, orphan_captions."
+        },
+    )
+    bucket_histogram: dict[str, int] | None = field(
+        default=None, metadata={"help": "With --enable_bucket: training size WxH -> samples (None: square)."}
+    )
+    truncated_captions: int | None = field(
+        default=None, metadata={"help": "Captions longer than the tokenizer's limit, truncated as they trained."}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

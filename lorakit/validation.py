@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from lorakit.atomic import atomic_write_bytes
+from lorakit.captions import with_trigger
 from lorakit.config import TrainConfig, ValidationArgs
 from lorakit.filenames import VALIDATION_DIR, VALIDATION_GRID_FILE
 from lorakit.summary import ValidationImage
@@ -44,11 +45,17 @@ def make_validation_pipeline(
 
 @torch.no_grad()
 def render_validation_images(
-    pipe: StableDiffusionPipeline, validation: ValidationArgs, resolution: int, device: torch.device
+    pipe: StableDiffusionPipeline,
+    validation: ValidationArgs,
+    resolution: int,
+    device: torch.device,
+    prompts: list[str] | None = None,
 ) -> list[list[Image.Image]]:
-    """One row per prompt, one image per seed (validation_seed, +1, ...), the same seeds every time."""
+    """One row per prompt, one image per seed (validation_seed, +1, ...), the same seeds every time; square at
+    `resolution` unless --validation_width/--validation_height say otherwise."""
+    width, height = validation.validation_width or resolution, validation.validation_height or resolution
     rows = []
-    for prompt in validation.validation_prompt:
+    for prompt in validation.validation_prompt if prompts is None else prompts:
         row = []
         for offset in range(validation.num_validation_images):
             generator = torch.Generator(device=device).manual_seed(validation.validation_seed + offset)
@@ -57,8 +64,8 @@ def render_validation_images(
                     prompt,
                     num_inference_steps=validation.validation_inference_steps,
                     guidance_scale=validation.validation_guidance_scale,
-                    height=resolution,
-                    width=resolution,
+                    height=height,
+                    width=width,
                     generator=generator,
                 ).images[0]
             row.append(image)
@@ -108,8 +115,10 @@ def run_validation(
         cfg.model.pretrained_model_name_or_path,
         cfg.model.revision,
     )
-    rows = render_validation_images(pipe, cfg.validation, cfg.data.resolution, accelerator.device)
-    grid = image_grid(rows, labels=cfg.validation.validation_prompt)
+    # A trigger word the captions were prefixed with goes in the prompts too: the adapter learned it with them.
+    prompts = [with_trigger(prompt, cfg.data.caption_prefix) for prompt in cfg.validation.validation_prompt]
+    rows = render_validation_images(pipe, cfg.validation, cfg.data.resolution, accelerator.device, prompts)
+    grid = image_grid(rows, labels=prompts)
     out = Path(cfg.output.output_dir)
     save_png(grid, out / VALIDATION_DIR / f"step-{step:06d}.png")
     for tracker in accelerator.trackers:
@@ -119,7 +128,7 @@ def run_validation(
         return []
     save_png(grid, out / VALIDATION_GRID_FILE)
     entries = []
-    for index, (prompt, row) in enumerate(zip(cfg.validation.validation_prompt, rows, strict=True)):
+    for index, (prompt, row) in enumerate(zip(prompts, rows, strict=True)):
         relative = f"{VALIDATION_DIR}/final/{index:02d}.png"
         save_png(row[0], out / relative)
         entries.append(ValidationImage(prompt=prompt, image=relative))
