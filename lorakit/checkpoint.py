@@ -40,6 +40,10 @@ RESUME_HINTS = {
 }
 
 
+# Fingerprint keys added later, with the value every checkpoint written before them had.
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "use_dora": False, "use_ema": False, "held_out": None}
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders, oldest first (temporary folders of an interrupted save are ignored)."""
     folder = Path(output_dir)
@@ -72,6 +76,7 @@ def resolve_resume_dir(output_dir: str | Path, resume_from: str | None) -> Path 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume when the data, batch layout or LoRA shape changed (the state would not fit)."""
+    saved = {**FINGERPRINT_DEFAULTS, **saved}  # a checkpoint older than a key had that key's default
     changed = [key for key in current if saved.get(key) != current[key]]
     if changed:
         details = "; ".join(

@@ -38,6 +38,9 @@ class TrainingData:
     # Hash of every row's image (bytes, or path + size + mtime) and caption, in order: the latent cache and resume
     # compare it, so any change of the data (an edited caption, a replaced image, another order) is seen.
     fingerprint: str
+    # Rows of the held-out loss (--validation_split or --validation_data_dir), never trained on, and their hash.
+    held_out: datasets.Dataset | None = None
+    held_out_fingerprint: str | None = None
 
 
 def _is_saved_to_disk(folder: Path) -> bool:
@@ -175,16 +178,49 @@ def mix_datasets(
     )
 
 
+def held_out_indices(num_rows: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows), each in dataset order: a seeded draw of round(share x rows), at least one."""
+    count = max(1, round(num_rows * share))
+    if count >= num_rows:
+        raise DataError(
+            f"--validation_split {share} of {num_rows} rows leaves none to train on: use a smaller share, "
+            "or --validation_data_dir."
+        )
+    held = set(np.random.default_rng(seed).permutation(num_rows)[:count].tolist())
+    return [i for i in range(num_rows) if i not in held], sorted(held)
+
+
+def load_held_out(cfg: DataConfig, image_column: str, caption_column: str) -> datasets.Dataset:
+    """The `--validation_data_dir` rows, with the training data's column names."""
+    held_cfg = DataConfig(train_data_dir=cfg.validation_data_dir, resolution=cfg.resolution)
+    held, held_image, held_caption = _load_checked(held_cfg)
+    held = held.select_columns([held_image, held_caption])
+    return (
+        held.rename_columns({held_image: image_column, held_caption: caption_column})
+        if held_image != image_column or held_caption != caption_column
+        else held
+    )
+
+
 def prepare_dataset(cfg: DataConfig, seed: int) -> TrainingData:
-    """Load, check, mix and subsample the training data before any model is loaded."""
+    """Load, check, split off the held-out rows, mix and subsample the training data before any model is loaded."""
     dataset, image_column, caption_column = _load_checked(cfg)
+    held_out = None
+    if cfg.validation_split is not None:
+        train_rows, held_rows = held_out_indices(len(dataset), cfg.validation_split, seed)
+        dataset, held_out = dataset.select(train_rows), dataset.select(held_rows)
+    elif cfg.validation_data_dir:
+        held_out = load_held_out(cfg, image_column, caption_column)
     if cfg.mix_train_data_dir:
         dataset = mix_datasets(dataset, image_column, caption_column, cfg, seed)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(cfg.max_train_samples))
     image_digest = check_images(dataset, image_column)
     fingerprint = data_fingerprint(image_digest, dataset[caption_column])
-    return TrainingData(dataset, image_column, caption_column, fingerprint)
+    held_fingerprint = None
+    if held_out is not None:
+        held_fingerprint = data_fingerprint(check_images(held_out, image_column), held_out[caption_column])
+    return TrainingData(dataset, image_column, caption_column, fingerprint, held_out, held_fingerprint)
 
 
 def pick_caption(value: Any, rng: random.Random) -> str:
