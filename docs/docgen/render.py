@@ -617,8 +617,8 @@ def options_table(results: dict | None = None) -> str:
     seeds = ", ".join(map(str, results["seeds"]))
     return (
         f"{table}\n\n"
-        f"Each row: `{results['preset']}` with one option changed, one epoch ({first['global_step']} steps), judged "
-        f"by `python -m eval` with seeds {seeds} ({sets['adapter']['num_images']} purple and "
+        f"Each row: `{results['preset']}` with one option changed, {first['global_step']} optimizer steps each, "
+        f"judged by `python -m eval` with seeds {seeds} ({sets['adapter']['num_images']} purple and "
         f"{sets['base']['num_images']} base-prompt images per adapter; base prompts before any adapter: "
         f"{sets['base']['base']['r_precision_top1']:.2f}). Held-out loss: mean diffusion loss on "
         f"{results['held_out']['rows']} purple rows never trained on. Memory: {first['memory_kind']}. "
