@@ -14,6 +14,7 @@ import math
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,13 @@ from lorakit.data import (
     collate_examples,
     prepare_dataset,
 )
-from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE
+from lorakit.ema import TrainedWeightsEMA
+from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE, RAW_WEIGHTS_DIR
 from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
+from lorakit.lora import check_dora_loadable
 from lorakit.micro_batch import BatchLayout, choose_layout
+from lorakit.optimizers import check_optimizer, describe_groups, make_optimizer, param_groups
 from lorakit.params import count_parameters
 from lorakit.precision import (
     PrecisionChoice,
@@ -72,11 +76,9 @@ from lorakit.training import (
     apply_speed_options,
     attach_lora,
     attach_token_offsets,
-    check_8bit_adam_available,
     load_models,
     load_tokenizer,
     make_lr_scheduler,
-    make_optimizer,
     scaled_learning_rate,
     step_generator,
     total_train_steps,
@@ -85,6 +87,7 @@ from lorakit.training import (
     weight_dtype_for,
 )
 from lorakit.validation import run_validation
+from lorakit.validation_loss import HeldOutLoss
 
 logger = logging.getLogger("train_lora")
 
@@ -103,8 +106,9 @@ class RunResult:
 def preflight(cfg: TrainConfig) -> None:
     """Checks that need no weights: output folder, optional packages, resolution against the VAE factor."""
     outputs.check_output_dir(cfg)
-    if cfg.training.use_8bit_adam:
-        check_8bit_adam_available()
+    check_optimizer(cfg.training)  # a missing optimizer package or a bad --optimizer_args stops here
+    if cfg.lora.use_dora:
+        check_dora_loadable(cfg.lora.train_text_encoder)
     vae_factor = vae_scale_factor_from_config(cfg.model)
     check_resolution(cfg.data.resolution, vae_factor)
     check_data_options(cfg, vae_factor)
@@ -267,6 +271,12 @@ class Run:
     latent_cache: dict | None = None
     bucket_sampler: BucketBatchSampler | None = None
     truncated_captions: int | None = None
+    ema: TrainedWeightsEMA | None = None
+    held_out: HeldOutLoss | None = None
+
+    def averaged_weights(self):
+        """Within the block the trained weights are the EMA's (validation), when the run keeps one."""
+        return self.ema.averaged_weights() if self.ema is not None else nullcontext()
 
 
 def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Run:
@@ -312,7 +322,10 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
         )
     dataloader = make_dataloader(cfg, train_data, layout.micro_batch_size, bucket_sampler)
     learning_rate = scaled_learning_rate(cfg, accelerator.num_processes)
-    optimizer = make_optimizer(params, cfg.training, learning_rate, token_offsets, cfg.lora.token_embedding_lr)
+    text_encoder_trained = models.text_encoder if cfg.lora.train_text_encoder else None
+    groups = param_groups(cfg.training, cfg.lora, learning_rate, models.unet, text_encoder_trained, token_offsets)
+    optimizer = make_optimizer(cfg.training, groups)
+    accelerator.print(describe_groups(optimizer, cfg.training))
     num_batches = math.ceil(len(dataloader) / accelerator.num_processes)
     _, total_steps = total_train_steps(num_batches, cfg.training, layout.gradient_accumulation_steps)
     lr_scheduler = make_lr_scheduler(optimizer, cfg.training, total_steps, accelerator.num_processes)
@@ -320,9 +333,19 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
     text_encoder = accelerator.prepare(models.text_encoder) if cfg.lora.train_text_encoder else models.text_encoder
     trained = [unet] + ([text_encoder] if cfg.lora.train_text_encoder else [])
     ckpt.register_lora_hooks(accelerator, unet, text_encoder if cfg.lora.train_text_encoder else None, token_offsets)
-    fingerprint = current_fingerprint(cfg, data.fingerprint, accelerator.num_processes)
+    fingerprint = current_fingerprint(cfg, data.fingerprint, accelerator.num_processes, data.held_out_fingerprint)
     if bucket_sampler is not None:  # bucket batches are drawn at the micro-batch size: another split, other batches
         fingerprint["bucket_batch_size"] = layout.micro_batch_size
+    ema = None
+    if cfg.training.use_ema:
+        ema = TrainedWeightsEMA(trainable, cfg.training.ema_decay, cfg.training.ema_update_after_step)
+        accelerator.register_for_checkpointing(ema)  # saved and restored with every checkpoint
+    held_out = None
+    if data.held_out is not None and accelerator.is_main_process:
+        held_out = HeldOutLoss.prepare(
+            models, data.held_out, data.image_column, data.caption_column, cfg, accelerator.device
+        )
+        accelerator.print(f"Held-out loss on {len(held_out)} rows that are never trained on.")
     return Run(
         models=models,
         unet=unet,
@@ -343,6 +366,8 @@ def set_up(cfg: TrainConfig, accelerator: Accelerator, data: TrainingData) -> Ru
         latent_cache=latent_cache_info,
         bucket_sampler=bucket_sampler,
         truncated_captions=truncated,
+        ema=ema,
+        held_out=held_out,
     )
 
 
@@ -444,11 +469,28 @@ def after_optimizer_step(
     accelerator.log({"train/loss": step_loss, "train/lr": learning_rate}, step=state.global_step)
     progress.update(1)
     progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}")
+    if run.ema is not None:
+        run.ema.update(state.global_step)
+    validate_now = bool(cfg.validation.validation_steps) and state.global_step % cfg.validation.validation_steps == 0
+    if validate_now and run.held_out is not None:
+        with run.averaged_weights():  # before the checkpoint of this step, which stores the value
+            measure_held_out_loss(accelerator, run, state)
     if cfg.training.checkpointing_steps and state.global_step % cfg.training.checkpointing_steps == 0:
         save_training_state(cfg, accelerator, state, run.fingerprint)
-    if cfg.validation.validation_steps and state.global_step % cfg.validation.validation_steps == 0:
-        if accelerator.is_main_process:
+    if validate_now and accelerator.is_main_process:
+        with run.averaged_weights():
             run_validation(cfg, accelerator, run.models, run.unet, run.text_encoder, state.global_step, final=False)
+
+
+def measure_held_out_loss(accelerator: Accelerator, run: Run, state: TrainState) -> float:
+    """The held-out loss of the weights now in the modules, recorded and logged at this step (main process)."""
+    unwrap = accelerator.unwrap_model
+    value = run.held_out.compute(
+        unwrap(run.unet), unwrap(run.text_encoder), run.layout.micro_batch_size, accelerator.autocast
+    )
+    state.validation_history.append({"step": state.global_step, "loss": value})
+    accelerator.log({"validation/loss": value}, step=state.global_step)
+    return value
 
 
 def stop_and_exit(
@@ -479,17 +521,18 @@ def write_outputs(
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return out
-    text_encoder_to_save = accelerator.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
-    adapter = outputs.save_adapter_atomic(out, accelerator.unwrap_model(run.unet), text_encoder_to_save)
-    learned = dict(run.inherited_words)
-    if run.token_offsets is not None:
-        learned.update(zip(run.token_offsets.words, run.token_offsets.rows(), strict=True))
-    if learned:
-        save_learned_embeds(out, list(learned), torch.stack(list(learned.values())))
+    if run.ema is not None:
+        if cfg.training.save_raw_weights:
+            save_adapter_folder(cfg, accelerator, run, out / RAW_WEIGHTS_DIR)
+        run.ema.copy_to_params()  # from here on the modules hold the average: the adapter, validation, held-out loss
+    adapter = save_adapter_folder(cfg, accelerator, run, out)
     step = state.global_step
     validation = run_validation(cfg, accelerator, run.models, run.unet, run.text_encoder, step, final=True)
-    outputs.write_loss_history(out, state.loss_history)
-    outputs.plot_loss_curve(out, state.loss_history)
+    last_measured = state.validation_history[-1]["step"] if state.validation_history else None
+    if run.held_out is not None and last_measured != step:
+        measure_held_out_loss(accelerator, run, state)
+    outputs.write_loss_history(out, state.loss_history, state.validation_history)
+    outputs.plot_loss_curve(out, state.loss_history, state.validation_history)
     summary = TrainSummary(
         base_model=cfg.model.pretrained_model_name_or_path,
         dataset=cfg.data.dataset_name or cfg.data.train_data_dir,
@@ -515,6 +558,10 @@ def write_outputs(
         data_source=data.source,
         bucket_histogram=data.bucket_histogram,
         truncated_captions=run.truncated_captions,
+        validation_loss=state.validation_history[-1]["loss"] if run.held_out is not None else None,
+        validation_rows=len(run.held_out) if run.held_out is not None else None,
+        optimizer=cfg.training.optimizer,
+        ema_decay=cfg.training.ema_decay if run.ema is not None else None,
     )
     write_summary(out, summary)
     write_model_card(out)
@@ -524,6 +571,18 @@ def write_outputs(
     outputs.clean_temporary_files(out)
     accelerator.print(f"Saved {adapter} ({adapter.stat().st_size:,} bytes) and its model card in {out}.")
     return out
+
+
+def save_adapter_folder(cfg: TrainConfig, accelerator: Accelerator, run: Run, folder: Path) -> Path:
+    """The LoRA file and the learned words (this run's and any inherited) of the weights now in the modules."""
+    text_encoder_to_save = accelerator.unwrap_model(run.text_encoder) if cfg.lora.train_text_encoder else None
+    adapter = outputs.save_adapter_atomic(folder, accelerator.unwrap_model(run.unet), text_encoder_to_save)
+    learned = dict(run.inherited_words)
+    if run.token_offsets is not None:
+        learned.update(zip(run.token_offsets.words, run.token_offsets.rows(), strict=True))
+    if learned:
+        save_learned_embeds(folder, list(learned), torch.stack(list(learned.values())))
+    return adapter
 
 
 def publish(cfg: TrainConfig, accelerator: Accelerator, out: Path) -> None:

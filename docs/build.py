@@ -36,6 +36,7 @@ DOC_FILES = (
     "docs/how-it-works.md",
     "docs/deployment.md",
     "docs/continual-tuning.md",
+    "docs/training-options.md",
     "docs/benchmarks.md",
     "embedded/README.md",
 )

@@ -179,6 +179,18 @@ def data_rows(summary: TrainSummary) -> list[tuple[str, str]]:
     return rows
 
 
+def held_out_rows(summary: TrainSummary) -> list[tuple[str, str]]:
+    """Results rows of the held-out loss and of the EMA (none for runs without them)."""
+    rows = []
+    if summary.validation_loss is not None:
+        rows.append(
+            (f"Held-out loss ({summary.validation_rows} rows never trained on)", f"{summary.validation_loss:.4g}")
+        )
+    if summary.ema_decay is not None:
+        rows.append(("Saved weights", f"exponential moving average, decay {summary.ema_decay:g}"))
+    return rows
+
+
 def to_eval_result(metric: dict) -> EvalResult:
     """One metric of the `update_card_with_eval` schema as a huggingface_hub `EvalResult` (model-index)."""
     return EvalResult(
@@ -280,6 +292,7 @@ def render_model_card(
         ("Epochs", summary.num_train_epochs),
         ("Training samples", summary.num_samples),
         ("Final loss", f"{final_loss:.4g}" if isinstance(final_loss, (int, float)) else final_loss),
+        *held_out_rows(summary),
         ("Training time", f"{summary.train_seconds:.0f} s"),
         ("Mixed precision", summary.mixed_precision),
         *([("Precision chosen by", summary.precision_choice)] if summary.precision_choice else []),

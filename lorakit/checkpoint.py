@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from lorakit.atomic import atomic_write_json
 from lorakit.config import ConfigError
@@ -33,12 +34,17 @@ from lorakit.token_embeddings import (
 
 CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 TRAIN_STATE_FILE = "train_state.json"
+TOKEN_OFFSETS_FILE = "token_embedding_offsets.safetensors"  # the trained offsets of --train_token_embeddings
 # Said after a refused fingerprint key whose name alone does not tell the user what to change.
 RESUME_HINTS = {
     "effective_batch_size": "train_batch_size x gradient_accumulation_steps per process; another split of the "
     "same product resumes",
     "bucket_batch_size": "with --enable_bucket the batches are drawn per micro-batch, so it must stay the same",
 }
+
+
+# Fingerprint keys added later, with the value every checkpoint written before them had.
+FINGERPRINT_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "use_dora": False, "use_ema": False, "held_out": None}
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -73,6 +79,7 @@ def resolve_resume_dir(output_dir: str | Path, resume_from: str | None) -> Path 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
     """Refuse to resume when the data, batch layout or LoRA shape changed (the state would not fit)."""
+    saved = {**FINGERPRINT_DEFAULTS, **saved}  # a checkpoint older than a key had that key's default
     changed = [key for key in current if saved.get(key) != current[key]]
     if changed:
         details = "; ".join(
@@ -103,6 +110,10 @@ def register_lora_hooks(
             )
             if token_offsets is not None:
                 save_learned_embeds(output_dir, token_offsets.words, token_offsets.rows())
+                # The offsets themselves too: rows() - base rows rounds, and a resumed run must continue bit for bit.
+                save_file(
+                    {"offsets": token_offsets.offsets.detach().cpu()}, str(Path(output_dir) / TOKEN_OFFSETS_FILE)
+                )
         weights.clear()  # nothing else: the frozen base is not part of the training state
 
     def load_hook(models: list, input_dir: str) -> None:
@@ -112,7 +123,10 @@ def register_lora_hooks(
             accelerator.unwrap_model(unet),
             accelerator.unwrap_model(text_encoder) if text_encoder is not None else None,
         )
-        if token_offsets is not None:
+        if token_offsets is not None and (Path(input_dir) / TOKEN_OFFSETS_FILE).is_file():
+            with torch.no_grad():
+                token_offsets.offsets.copy_(load_file(str(Path(input_dir) / TOKEN_OFFSETS_FILE))["offsets"])
+        elif token_offsets is not None:  # a checkpoint written before the offsets were saved
             learned = read_learned_embeds(Path(input_dir) / LEARNED_EMBEDS_FILE)
             token_offsets.set_rows(torch.stack([learned[word] for word in token_offsets.words]))
 

@@ -28,10 +28,37 @@ LR_SCHEDULER_CHOICES = (
     "constant_with_warmup",
 )
 PREDICTION_TYPE_CHOICES = ("epsilon", "v_prediction")
+OPTIMIZER_CHOICES = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
+
+
+def _parse_scalar(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_optimizer_args(pairs: list[str]) -> dict[str, Any]:
+    """`["d_coef=0.5", "betas=0.9,0.99", "decouple=true"]` -> {"d_coef": 0.5, "betas": (0.9, 0.99), ...}."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip() or not key.strip().isidentifier():
+            raise ConfigError(f"--optimizer_args {pair!r} is not key=value: write e.g. weight_decay=0.01.")
+        parts = [_parse_scalar(part) for part in value.split(",")] if "," in value else None
+        parsed[key.strip()] = tuple(parts) if parts is not None else _parse_scalar(value)
+    return parsed
 
 
 @dataclass
@@ -123,6 +150,17 @@ class DataConfig:
         default=False,
         metadata={"help": "Never enlarge an image: a small image gets a bucket of its own size, rounded down."},
     )
+    validation_split: float | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out this share of the training rows (a split seeded by --seed, never trained on) and log "
+            "their mean diffusion loss at fixed noise and timesteps every --validation_steps and at the end."
+        },
+    )
+    validation_data_dir: str | None = field(
+        default=None,
+        metadata={"help": "A local dataset folder whose rows give the held-out loss (instead of --validation_split)."},
+    )
 
     def __post_init__(self) -> None:
         if not self.dataset_name and not self.train_data_dir:
@@ -142,6 +180,12 @@ class DataConfig:
             )
         if self.mix_weights and (any(w <= 0 for w in self.mix_weights) or not self.mix_train_data_dir):
             raise ConfigError("--mix_weights must be positive and go with --mix_train_data_dir.")
+        if self.validation_split is not None and not 0.0 < self.validation_split < 1.0:
+            raise ConfigError(
+                f"--validation_split {self.validation_split} is invalid: use a share in (0, 1), e.g. 0.05."
+            )
+        if self.validation_split is not None and self.validation_data_dir:
+            raise ConfigError("Both --validation_split and --validation_data_dir are set: give only one of them.")
         if not self.caption_extension.strip("."):
             raise ConfigError("--caption_extension is empty: use .txt or .caption.")
         self.caption_extension = "." + self.caption_extension.lstrip(".")
@@ -155,6 +199,11 @@ class DataConfig:
             raise ConfigError("--caption_separator is empty: use the text between caption parts, e.g. ', '.")
         if self.enable_bucket:
             self._check_buckets()
+
+    @property
+    def has_held_out_rows(self) -> bool:
+        """Whether the run measures a held-out loss."""
+        return self.validation_split is not None or bool(self.validation_data_dir)
 
     def _check_buckets(self) -> None:
         step = self.bucket_reso_steps
@@ -210,6 +259,13 @@ class LoraArgs:
     token_embedding_lr: float = field(
         default=3e-2, metadata={"help": "Learning rate of --train_token_embeddings (no weight decay)."}
     )
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "Weight-decomposed LoRA (DoRA, Liu et al., arXiv 2402.09353, through peft): each adapted weight "
+            "learns a magnitude vector beside the low-rank direction update; saved in the diffusers format."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -256,7 +312,47 @@ class TrainingArgs:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes 8-bit AdamW (needs a GPU)."})
+    use_8bit_adam: bool = field(default=False, metadata={"help": "Alias of --optimizer adamw8bit."})
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "adamw (torch, fused kernels on CUDA); adamw8bit (bitsandbytes); prodigy (prodigyopt, "
+            "arXiv 2306.06101: estimates one step size for all parameters, so use --learning_rate 1.0; every group "
+            "then takes that learning rate and --text_encoder_lr and --token_embedding_lr are not used); adafactor "
+            "(transformers, with --learning_rate as a fixed step); lion (lion-pytorch, arXiv 2302.06675: sign "
+            "updates, usually 3-10x smaller learning rates than AdamW). The adam_* flags apply to adamw, adamw8bit "
+            "and prodigy; other settings go through --optimizer_args.",
+            "choices": OPTIMIZER_CHOICES,
+        },
+    )
+    optimizer_args: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "key=value pairs passed to the optimizer's constructor (numbers, true/false, none and "
+            "comma-separated tuples are parsed), e.g. d_coef=0.5 betas=0.95,0.98.",
+            "nargs": "*",
+        },
+    )
+    text_encoder_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the text-encoder LoRA (default: --learning_rate)."}
+    )
+    use_ema: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep an exponential moving average of the trained weights (LoRA and learned embeddings, "
+            "torch.optim.swa_utils); the adapter saved at the end and the validation use the average."
+        },
+    )
+    ema_decay: float = field(
+        default=0.999, metadata={"help": "EMA decay per optimizer step (it averages over about 1/(1-decay) steps)."}
+    )
+    ema_update_after_step: int = field(
+        default=0, metadata={"help": "Until this step the average just follows the weights; it averages after."}
+    )
+    save_raw_weights: bool = field(
+        default=False,
+        metadata={"help": "With --use_ema, also save the last step's (not averaged) adapter in output_dir/raw/."},
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     seed: int = field(default=0, metadata={"help": "Seed for data order, noise and initialisation."})
     snr_gamma: float | None = field(
@@ -311,6 +407,23 @@ class TrainingArgs:
             raise ConfigError(f"--snr_gamma {self.snr_gamma} is invalid: use a positive value such as 5.0.")
         if self.noise_offset < 0:
             raise ConfigError("--noise_offset must be 0 or more.")
+        if self.use_8bit_adam:
+            if self.optimizer not in ("adamw", "adamw8bit"):
+                raise ConfigError(f"--use_8bit_adam and --optimizer {self.optimizer} disagree: give only one of them.")
+            self.optimizer = "adamw8bit"  # the alias, resolved so the saved config names the optimizer used
+        if self.optimizer not in OPTIMIZER_CHOICES:
+            raise ConfigError(
+                f"--optimizer {self.optimizer!r} is unknown: choose one of {', '.join(OPTIMIZER_CHOICES)}."
+            )
+        parse_optimizer_args(self.optimizer_args)  # a malformed pair stops here, before anything loads
+        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
+            raise ConfigError(f"--text_encoder_lr {self.text_encoder_lr} is invalid: use a positive value.")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"--ema_decay {self.ema_decay} is invalid: use a value in (0, 1), e.g. 0.999.")
+        if self.ema_update_after_step < 0:
+            raise ConfigError("--ema_update_after_step must be 0 or more.")
+        if self.save_raw_weights and not self.use_ema:
+            raise ConfigError("--save_raw_weights keeps the raw weights beside the EMA ones: it needs --use_ema.")
 
 
 @dataclass

@@ -46,9 +46,13 @@ class TrainingData:
     source: dict | None = None
     # Each row's training size (width, height) with --enable_bucket; None: every row trains square.
     buckets: list[Size] | None = None
+    # Rows of the held-out loss (--validation_split or --validation_data_dir), never trained on, and their hash.
+    held_out: datasets.Dataset | None = None
+    held_out_fingerprint: str | None = None
 
     @property
     def bucket_histogram(self) -> dict[str, int] | None:
+        """Training size WxH -> samples with --enable_bucket; None when every row trains square."""
         return histogram(self.buckets) if self.buckets is not None else None
 
 
@@ -234,9 +238,39 @@ def mix_datasets(
     )
 
 
+def held_out_indices(num_rows: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training rows, held-out rows), each in dataset order: a seeded draw of round(share x rows), at least one."""
+    count = max(1, round(num_rows * share))
+    if count >= num_rows:
+        raise DataError(
+            f"--validation_split {share} of {num_rows} rows leaves none to train on: use a smaller share, "
+            "or --validation_data_dir."
+        )
+    held = set(np.random.default_rng(seed).permutation(num_rows)[:count].tolist())
+    return [i for i in range(num_rows) if i not in held], sorted(held)
+
+
+def load_held_out(cfg: DataConfig, image_column: str, caption_column: str) -> datasets.Dataset:
+    """The `--validation_data_dir` rows, with the training data's column names."""
+    held_cfg = DataConfig(train_data_dir=cfg.validation_data_dir, resolution=cfg.resolution)
+    held, held_image, held_caption, _ = _load_checked(held_cfg)
+    held = held.select_columns([held_image, held_caption])
+    return (
+        held.rename_columns({held_image: image_column, held_caption: caption_column})
+        if held_image != image_column or held_caption != caption_column
+        else held
+    )
+
+
 def prepare_dataset(cfg: DataConfig, seed: int) -> TrainingData:
-    """Load, check, mix and subsample the training data before any model is loaded."""
+    """Load, check, split off the held-out rows, mix and subsample the training data before any model is loaded."""
     dataset, image_column, caption_column, source = _load_checked(cfg)
+    held_out = None
+    if cfg.validation_split is not None:
+        train_rows, held_rows = held_out_indices(len(dataset), cfg.validation_split, seed)
+        dataset, held_out = dataset.select(train_rows), dataset.select(held_rows)
+    elif cfg.validation_data_dir:
+        held_out = load_held_out(cfg, image_column, caption_column)
     if cfg.mix_train_data_dir:
         dataset = mix_datasets(dataset, image_column, caption_column, cfg, seed)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(dataset):
@@ -249,7 +283,19 @@ def prepare_dataset(cfg: DataConfig, seed: int) -> TrainingData:
     if options:
         fingerprint = data_fingerprint(fingerprint, [options])
     buckets = assign_buckets(sizes, BucketSpec.from_config(cfg)) if cfg.enable_bucket else None
-    return TrainingData(dataset, image_column, caption_column, fingerprint, source, buckets)
+    held_fingerprint = None
+    if held_out is not None:
+        held_fingerprint = data_fingerprint(check_images(held_out, image_column), held_out[caption_column])
+    return TrainingData(
+        rows=dataset,
+        image_column=image_column,
+        caption_column=caption_column,
+        fingerprint=fingerprint,
+        source=source,
+        buckets=buckets,
+        held_out=held_out,
+        held_out_fingerprint=held_fingerprint,
+    )
 
 
 def training_view(cfg: DataConfig) -> dict:

@@ -24,3 +24,4 @@ EVAL_RESULTS_FILE = "eval_results.json"  # written by `python -m eval`, read by 
 EVAL_REPORT_FILE = "eval_results.md"
 EVAL_GRID_FILE = "comparison_grid.png"
 CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-STEP/
+RAW_WEIGHTS_DIR = "raw"  # --use_ema --save_raw_weights: the last step's adapter, not averaged (stays local)

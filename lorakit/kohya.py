@@ -87,7 +87,11 @@ def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], lora_alpha: float) -
         peft_state = convert_state_dict_to_peft(peft_state, original_type=StateDictType.DIFFUSERS)
     if not any(".lora_A." in key for key in peft_state):
         raise ValueError("Expected a diffusers/peft LoRA state dict (keys with .lora_A/.lora.down); found none.")
+    # DoRA magnitudes (`<module>.lora_magnitude_vector`) are renamed beside their module's lora_down key: diffusers'
+    # converter renames them only for keys without a unet/text_encoder prefix, and then leaves a dot in the name.
+    magnitudes = {key: peft_state.pop(key) for key in [k for k in peft_state if k.endswith(".lora_magnitude_vector")]}
     kohya_state = convert_state_dict_to_kohya(peft_state)
+    kohya_state.update(dora_scales(magnitudes))
     # transformers 5 dropped CLIPTextModel's `text_model.` level; webui loaders expect the original CLIP names.
     # A single text encoder is `lora_te_` (what sd-scripts writes for SD1/SD2): diffusers names it `lora_te1_`, which
     # ComfyUI (`comfy/lora.py`) and A1111 take for SD1 too, but A1111's SD2 mapping (`networks.py`,
@@ -100,6 +104,22 @@ def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], lora_alpha: float) -
             # diffusers writes alpha = rank (scale 1); the trained scale is lora_alpha / rank.
             kohya_state[key] = torch.tensor(float(lora_alpha), dtype=torch.float32)
     return kohya_state
+
+
+def dora_scales(magnitudes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<kohya module>.dora_scale` tensors from peft's DoRA magnitudes `<module>.lora_magnitude_vector`.
+
+    peft's magnitude is the norm of each output row of the adapted weight, shape (out,); kohya-format loaders
+    (ComfyUI's weight_decompose, A1111's network modules) take a `dora_scale` whose first dimension is the output
+    size as that same output-axis magnitude and divide it by per-row norms of shape (out, 1), so it is stored (out, 1).
+    """
+    scales = {}
+    for key, magnitude in magnitudes.items():
+        module = key.removesuffix(".lora_magnitude_vector")
+        probe = convert_state_dict_to_kohya({f"{module}.lora_A.weight": torch.zeros(1, 1)})
+        down_key = next(k for k in probe if k.endswith(".lora_down.weight"))
+        scales[down_key.removesuffix(".lora_down.weight") + ".dora_scale"] = magnitude.reshape(-1, 1).contiguous()
+    return scales
 
 
 def _warn_on_alpha_mismatch(source_metadata: dict[str, str], lora_alpha: float, ranks: list[int]) -> None:

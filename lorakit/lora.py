@@ -13,6 +13,10 @@ from peft.utils import get_peft_model_state_dict
 
 from lorakit.filenames import ADAPTER_FILE
 
+# DoRA training arrived in peft 0.9; diffusers loads a UNet's DoRA magnitudes with `load_lora_weights` from 0.28.
+DORA_MIN_PEFT = "0.9.0"
+DORA_MIN_DIFFUSERS = "0.28.0"
+
 # The attention projections of every UNet transformer block, as in the diffusers LoRA example.
 DEFAULT_UNET_TARGET_MODULES: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 # The CLIP text encoder's attention projections (used with --train_text_encoder).
@@ -25,14 +29,21 @@ def make_lora_config(
     dropout: float = 0.0,
     target_modules: Sequence[str] = DEFAULT_UNET_TARGET_MODULES,
     init_lora_weights: bool | str = "gaussian",
+    use_dora: bool = False,
 ) -> LoraConfig:
-    """A peft `LoraConfig`; alpha defaults to the rank (scale 1), as in the diffusers example."""
+    """A peft `LoraConfig`; alpha defaults to the rank (scale 1), as in the diffusers example.
+
+    `use_dora`: DoRA (Liu et al., arXiv 2402.09353) splits each adapted weight into a magnitude vector and a
+    direction, and trains the magnitude plus a LoRA update of the direction; peft starts the magnitude at the base
+    weight's column norms, so training still starts from the base model exactly.
+    """
     return LoraConfig(
         r=rank,
         lora_alpha=alpha if alpha is not None else rank,
         lora_dropout=dropout,
         init_lora_weights=init_lora_weights,
         target_modules=list(target_modules),
+        use_dora=use_dora,
     )
 
 
@@ -70,3 +81,30 @@ def save_adapter(
         safe_serialization=True,
     )
     return Path(save_directory) / ADAPTER_FILE
+
+
+def check_dora_loadable(train_text_encoder: bool) -> None:
+    """`--use_dora` must give an adapter that stock diffusers loads: raise ConfigError (before any model loads) when
+    the installed peft or diffusers cannot, or for a DoRA text encoder, whose magnitudes `load_lora_weights` drops."""
+    import diffusers
+    import peft
+    import transformers
+    from packaging.version import Version
+
+    from lorakit.config import ConfigError
+
+    for package, minimum in ((peft, DORA_MIN_PEFT), (diffusers, DORA_MIN_DIFFUSERS)):
+        if Version(package.__version__) < Version(minimum):
+            raise ConfigError(
+                f"--use_dora needs {package.__name__}>={minimum} (installed: {package.__version__}) to train and load "
+                f"DoRA adapters: `pip install -U {package.__name__}`, or drop --use_dora."
+            )
+    if train_text_encoder:
+        # Checked with diffusers 0.42 / transformers 5.23: the text encoder's `lora_magnitude_vector` keys are left
+        # out on loading (its magnitudes restart from the base weights), so the loaded adapter is not the trained one.
+        raise ConfigError(
+            f"--use_dora with --train_text_encoder: diffusers {diffusers.__version__} with transformers "
+            f"{transformers.__version__} does not load a text encoder's DoRA magnitudes with load_lora_weights, so "
+            "the saved adapter would not load as trained. Use DoRA on the UNet only (drop --train_text_encoder; "
+            "--train_token_embeddings still works) or drop --use_dora."
+        )

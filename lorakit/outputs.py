@@ -92,14 +92,19 @@ def write_training_config(output_dir: str | Path, cfg: TrainConfig) -> Path:
     return path
 
 
-def write_loss_history(output_dir: str | Path, history: list[dict[str, float]]) -> Path:
+def write_loss_history(
+    output_dir: str | Path, history: list[dict[str, float]], validation_history: list[dict[str, float]] | None = None
+) -> Path:
+    """The training loss per step, and the held-out loss where it was measured (`validation`)."""
     path = Path(output_dir) / LOSS_HISTORY_FILE
-    atomic_write_json(path, {"history": history})
+    atomic_write_json(path, {"history": history, **({"validation": validation_history} if validation_history else {})})
     return path
 
 
-def plot_loss_curve(output_dir: str | Path, history: list[dict[str, float]]) -> Path | None:
-    """Loss per step with a moving average, as a PNG for the card and README."""
+def plot_loss_curve(
+    output_dir: str | Path, history: list[dict[str, float]], validation_history: list[dict[str, float]] | None = None
+) -> Path | None:
+    """Loss per step with a moving average (and the held-out loss where measured), as a PNG for the card and README."""
     if not history:
         return None
     import matplotlib
@@ -117,6 +122,9 @@ def plot_loss_curve(output_dir: str | Path, history: list[dict[str, float]]) -> 
     figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
     axis.plot(steps, losses, alpha=0.35, label="loss per step")
     axis.plot(steps, smooth, label=f"moving average ({window} steps)")
+    if validation_history:
+        held_steps = [row["step"] for row in validation_history]
+        axis.plot(held_steps, [row["loss"] for row in validation_history], "o-", label="held-out loss")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("training loss (MSE)")
     axis.legend()

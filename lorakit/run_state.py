@@ -38,6 +38,8 @@ class TrainState:
     steps_in_epoch: int = 0
     loss_history: list[dict[str, float]] = field(default_factory=list)
     nonfinite_streak: int = 0
+    # Held-out loss at each step it was measured: [{"step": k, "loss": value}] (empty without held-out rows).
+    validation_history: list[dict[str, float]] = field(default_factory=list)
 
 
 class StopRequest:
@@ -56,8 +58,14 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
-def current_fingerprint(cfg: TrainConfig, data_fingerprint: str, num_processes: int) -> dict:
-    """What must match between a checkpoint and the run that resumes from it (`data_fingerprint`: the rows')."""
+def current_fingerprint(
+    cfg: TrainConfig, data_fingerprint: str, num_processes: int, held_out_fingerprint: str | None = None
+) -> dict:
+    """What must match between a checkpoint and the run that resumes from it (`data_fingerprint`: the rows').
+
+    Keys added after checkpoints were first written have a default in `checkpoint.FINGERPRINT_DEFAULTS`, which
+    an older checkpoint is taken to have had.
+    """
     return {
         "data": data_fingerprint,
         # Samples per optimizer step per process: how they are split into micro-batches may change on resume.
@@ -69,6 +77,11 @@ def current_fingerprint(cfg: TrainConfig, data_fingerprint: str, num_processes: 
         "train_text_encoder": cfg.lora.train_text_encoder,
         "train_token_embeddings": list(cfg.lora.train_token_embeddings),
         "seed": cfg.training.seed,
+        # The optimizer's saved state fits only its own optimizer; DoRA adds weights; EMA adds a checkpointed average.
+        "optimizer": cfg.training.optimizer,
+        "use_dora": cfg.lora.use_dora,
+        "use_ema": cfg.training.use_ema,
+        "held_out": held_out_fingerprint,
     }
 
 
@@ -98,6 +111,7 @@ def resume_if_asked(
         batches_in_epoch=saved["steps_in_epoch"] * accumulation_steps,
         steps_in_epoch=saved["steps_in_epoch"],
         loss_history=saved["loss_history"][: saved["global_step"]],
+        validation_history=[row for row in saved.get("validation_history", []) if row["step"] <= saved["global_step"]],
     )
 
 
@@ -126,6 +140,7 @@ def save_training_state(cfg: TrainConfig, accelerator: Accelerator, state: Train
         "epoch": state.epoch,
         "steps_in_epoch": state.steps_in_epoch,
         "loss_history": state.loss_history,
+        "validation_history": state.validation_history,
         "fingerprint": fingerprint,
         "mixed_precision": accelerator.mixed_precision,  # `auto` resumes in it (lorakit.precision)
     }

@@ -75,6 +75,15 @@ class TrainSummary:
     truncated_captions: int | None = field(
         default=None, metadata={"help": "Captions longer than the tokenizer's limit, truncated as they trained."}
     )
+    validation_loss: float | None = field(
+        default=None,
+        metadata={"help": "Mean diffusion loss on the held-out rows with the saved adapter (None: none)."},
+    )
+    validation_rows: int | None = field(default=None, metadata={"help": "Held-out rows behind validation_loss."})
+    optimizer: str | None = field(default=None, metadata={"help": "The --optimizer the run used."})
+    ema_decay: float | None = field(
+        default=None, metadata={"help": "EMA decay when the saved adapter is the weights' average (None: raw)."}
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -89,16 +89,33 @@ def attach_lora(
         module.requires_grad_(False)
     for module in (models.unet, models.vae, models.text_encoder):
         module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
-    models.unet.add_adapter(make_lora_config(lora.rank, lora.lora_alpha, lora.lora_dropout, lora.target_modules))
+    dora = {"use_dora": lora.use_dora}
+    add_adapter(
+        models.unet, make_lora_config(lora.rank, lora.lora_alpha, lora.lora_dropout, lora.target_modules, **dora)
+    )
     trainable_modules = [models.unet]
     if lora.train_text_encoder:
-        models.text_encoder.add_adapter(
-            make_lora_config(lora.rank, lora.lora_alpha, lora.lora_dropout, lora.text_encoder_target_modules)
+        config = make_lora_config(
+            lora.rank, lora.lora_alpha, lora.lora_dropout, lora.text_encoder_target_modules, **dora
         )
+        add_adapter(models.text_encoder, config)
         trainable_modules.append(models.text_encoder)
     # LoRA weights stay fp32 under fp16/bf16: low-precision optimizer updates underflow (diffusers #6086).
     cast_training_params(trainable_modules, dtype=torch.float32)
     return [p for module in trainable_modules for p in module.parameters() if p.requires_grad]
+
+
+def add_adapter(module: torch.nn.Module, config) -> None:
+    """`module.add_adapter(config)`; a layer peft cannot give a DoRA adapter is named in a ConfigError."""
+    try:
+        module.add_adapter(config)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        if not getattr(config, "use_dora", False):
+            raise
+        raise ConfigError(
+            f"DoRA cannot adapt this {type(module).__name__}'s target modules with the installed peft: {error}. "
+            "Drop --use_dora or choose other --target_modules."
+        ) from error
 
 
 def attach_token_offsets(models: Models, lora: LoraArgs) -> TokenEmbeddingOffsets | None:
@@ -107,46 +124,6 @@ def attach_token_offsets(models: Models, lora: LoraArgs) -> TokenEmbeddingOffset
         return None
     token_ids = word_token_ids(models.tokenizer, lora.train_token_embeddings)
     return TokenEmbeddingOffsets(models.text_encoder.get_input_embeddings(), lora.train_token_embeddings, token_ids)
-
-
-def make_optimizer(
-    params: list[torch.nn.Parameter],
-    training: TrainingArgs,
-    learning_rate: float,
-    token_offsets: TokenEmbeddingOffsets | None = None,
-    token_learning_rate: float | None = None,
-) -> torch.optim.Optimizer:
-    """AdamW (8-bit from bitsandbytes when asked); fused kernels on CUDA where torch has them.
-
-    Token-embedding offsets get their own group: their learning rate, and no weight decay, which would
-    otherwise pull the learned words back towards zero.
-    """
-    groups: list[dict[str, Any]] = [{"params": params}]
-    if token_offsets is not None:
-        groups.append({"params": [token_offsets.offsets], "lr": token_learning_rate, "weight_decay": 0.0})
-    kwargs = {
-        "lr": learning_rate,
-        "betas": (training.adam_beta1, training.adam_beta2),
-        "weight_decay": training.adam_weight_decay,
-        "eps": training.adam_epsilon,
-    }
-    if training.use_8bit_adam:
-        import bitsandbytes as bnb  # checked in preflight so a missing package fails before model loading
-
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    fused = bool(params) and params[0].is_cuda
-    return torch.optim.AdamW(groups, fused=fused, **kwargs)
-
-
-def check_8bit_adam_available() -> None:
-    """`--use_8bit_adam` needs bitsandbytes; say how to get it."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as error:
-        raise ConfigError(
-            "--use_8bit_adam needs bitsandbytes, which is not installed: `pip install bitsandbytes` "
-            "(CUDA GPU required), or drop the flag."
-        ) from error
 
 
 def scaled_learning_rate(cfg: TrainConfig, num_processes: int) -> float:

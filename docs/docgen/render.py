@@ -582,6 +582,59 @@ def continual_findings() -> str:
     )
 
 
+# --- training options --------------------------------------------------------------------------------------
+
+
+def options_table(results: dict | None = None) -> str:
+    """The default preset with one option changed at a time: learning, forgetting, held-out loss, time, memory."""
+    results = results if results is not None else src.read_json(src.OPTIONS_JSON)
+    if results is None:
+        return _pending("The training-options experiment", src.OPTIONS_COMMAND)
+    rows, scores = [], {}
+    for variant in results["variants"]:
+        sets = variant["eval"]["sets"]
+        purple, base = sets["adapter"]["adapter"]["r_precision_top1"], sets["base"]["adapter"]["r_precision_top1"]
+        scores[variant["name"]] = (purple, base)
+        loss = variant.get("held_out_loss")
+        rows.append(
+            [
+                variant["label"],
+                f"{purple:.2f}",
+                f"{base:.2f}",
+                f"{loss:.4f}" if loss is not None else "-",
+                f"{variant['train_seconds']:.0f} s",
+                _mb(variant["peak_memory_bytes"]),
+            ]
+        )
+    table = _table(
+        ["option", "purple R-precision", "base R-precision after", "held-out loss", "training time", "peak memory"],
+        rows,
+    )
+    first = results["variants"][0]
+    sets = first["eval"]["sets"]
+    better = [
+        v["label"]
+        for v in results["variants"][1:]
+        if scores[v["name"]][0] > scores[first["name"]][0] and scores[v["name"]][1] > scores[first["name"]][1]
+    ]
+    verdict = (
+        f"Better than {first['label']} on both purple and base prompts: {', '.join(better)}."
+        if better
+        else f"No option beats {first['label']} on both purple and base prompts here."
+    )
+    seeds = ", ".join(map(str, results["seeds"]))
+    return (
+        f"{table}\n\n"
+        f"Each row: `{results['preset']}` with one option changed, {first['global_step']} optimizer steps each, "
+        f"judged by `python -m eval` with seeds {seeds} ({sets['adapter']['num_images']} purple and "
+        f"{sets['base']['num_images']} base-prompt images per adapter; base prompts before any adapter: "
+        f"{sets['base']['base']['r_precision_top1']:.2f}). Held-out loss: mean diffusion loss on "
+        f"{results['held_out']['rows']} purple rows never trained on. Memory: {first['memory_kind']}. "
+        f"{verdict} Device: {results['device']}. Source: `docs/results/options.json`, written by "
+        f"`{results['command']}`."
+    )
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
     "eval-table": eval_table,
     "eval-headline": eval_headline,
@@ -600,6 +653,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "continual-table": continual_table,
     "continual-setup": continual_setup,
     "continual-findings": continual_findings,
+    "options-table": options_table,
     # docs/benchmarks.md and embedded/README.md: their renderers live beside the code that makes their results
     **bench_report.block_renderers(),
     **embedded_readme.block_renderers(),

@@ -18,6 +18,7 @@ EVAL_JSON = EVAL_DIR / EVAL_RESULTS_FILE
 SIZES_EMBEDDED = RESULTS / "param_counts_embedded.json"
 SIZES_BK_SDM = RESULTS / "param_counts_bk_sdm_tiny.json"
 CONTINUAL_JSON = RESULTS / "continual.json"
+OPTIONS_JSON = RESULTS / "options.json"
 FACTS_JSON = RESULTS / "facts.json"
 DEMO_ADAPTER = REPO / "embedded" / "demo_adapter"
 TRAIN_SUMMARY = DEMO_ADAPTER / SUMMARY_FILE
@@ -30,6 +31,7 @@ EVAL_COMMAND = (
     "--output_dir docs/results/eval"
 )
 CONTINUAL_COMMAND = "python docs/continual_experiment.py"
+OPTIONS_COMMAND = "python docs/options_experiment.py"
 BENCH_CPU_COMMANDS = "python -m bench train && python -m bench generate"
 BENCH_GPU_COMMAND = "bash bench/gpu.sh"
 
