@@ -266,6 +266,12 @@ def prepare_dataset(cfg: DataConfig, seed: int) -> TrainingData:
     """Load, check, split off the held-out rows, mix and subsample the training data before any model is loaded."""
     dataset, image_column, caption_column, source = _load_checked(cfg)
     held_out = None
+    if cfg.validation_split is not None and source is not None and source["rows"] != source["images"]:
+        # A repeat folder puts one image in several rows: a row split would hold out copies of trained images.
+        raise DataError(
+            f"--validation_split with repeat folders ({source['images']} images in {source['rows']} rows) would hold "
+            "out copies of images that are trained on. Use --validation_data_dir with a folder of other images."
+        )
     if cfg.validation_split is not None:
         train_rows, held_rows = held_out_indices(len(dataset), cfg.validation_split, seed)
         dataset, held_out = dataset.select(train_rows), dataset.select(held_rows)

@@ -385,3 +385,11 @@ def test_validation_images_at_the_training_resolution_unless_sized():
     for validation in (square, sized):
         render_validation_images(pipe, validation, 48, torch.device("cpu"))
     assert sizes == [(48, 48), (64, 32)]
+
+
+def test_a_held_out_split_of_repeat_folders_is_refused(tmp_path):
+    from lorakit.data import DataError
+
+    root = make_repeat_tree(tmp_path / "data")
+    with pytest.raises(DataError, match="repeat folders .*6 images in 12 rows.*--validation_data_dir"):
+        prepare_dataset(DataConfig(train_data_dir=str(root), resolution=32, validation_split=0.2), 0)
