@@ -293,3 +293,11 @@ def test_bk_sdm_tiny_counts_in_the_docs_are_the_real_architecture():
     assert counts["parameters"]["text_encoder"] == 123_060_480
     assert counts["parameters"]["vae"] == 83_653_863
     assert counts["lora_by_rank"]["4"] == 431_616
+
+
+def test_a_win_of_one_image_is_not_beyond_noise():
+    from docgen.render import beats_beyond_noise
+
+    assert not beats_beyond_noise(0.92, 0.90, 50)  # one image of 50
+    assert beats_beyond_noise(0.90, 0.60, 50)
+    assert not beats_beyond_noise(0.60, 0.90, 50)  # behind is never a win

@@ -6,6 +6,7 @@ docs/benchmarks.md and embedded/README.md come from bench/report.py and embedded
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -585,6 +586,13 @@ def continual_findings() -> str:
 # --- training options --------------------------------------------------------------------------------------
 
 
+def beats_beyond_noise(share: float, baseline: float, images: int) -> bool:
+    """True when `share` exceeds `baseline` by more than 1.96 standard errors of the difference of two shares of
+    `images` each: a gap that one or two images could make is not a win."""
+    error = math.sqrt((share * (1 - share) + baseline * (1 - baseline)) / images)
+    return share - baseline > 1.96 * error
+
+
 def options_table(results: dict | None = None) -> str:
     """The default preset with one option changed at a time: learning, forgetting, held-out loss, time, memory."""
     results = results if results is not None else src.read_json(src.OPTIONS_JSON)
@@ -612,16 +620,30 @@ def options_table(results: dict | None = None) -> str:
     )
     first = results["variants"][0]
     sets = first["eval"]["sets"]
-    better = [
+    sizes = (sets["adapter"]["num_images"], sets["base"]["num_images"])
+    ahead = [
         v["label"]
         for v in results["variants"][1:]
-        if scores[v["name"]][0] > scores[first["name"]][0] and scores[v["name"]][1] > scores[first["name"]][1]
+        if all(a > b for a, b in zip(scores[v["name"]], scores[first["name"]], strict=True))
     ]
-    verdict = (
-        f"Better than {first['label']} on both purple and base prompts: {', '.join(better)}."
-        if better
-        else f"No option beats {first['label']} on both purple and base prompts here."
-    )
+    clearly = [
+        v["label"]
+        for v in results["variants"][1:]
+        if all(
+            beats_beyond_noise(a, b, n)
+            for a, b, n in zip(scores[v["name"]], scores[first["name"]], sizes, strict=True)
+        )
+    ]
+    if clearly:
+        verdict = f"Better than {first['label']} on both purple and base prompts, beyond noise: {', '.join(clearly)}."
+    elif ahead:
+        verdict = (
+            f"Ahead of {first['label']} on both purple and base prompts, but by less than the noise of "
+            f"{sizes[0]} and {sizes[1]} images (a difference counts when it exceeds 1.96 standard errors): "
+            f"{', '.join(ahead)}; the preset keeps {first['label']}."
+        )
+    else:
+        verdict = f"No option beats {first['label']} on both purple and base prompts here."
     seeds = ", ".join(map(str, results["seeds"]))
     return (
         f"{table}\n\n"
