@@ -399,6 +399,9 @@ def test_options_table_states_which_option_beats_the_default_on_both_measures():
     }
     text = options_table(results)
     assert "| LION | 0.80 | 0.85 |" in text
-    assert "on both purple and base prompts: DORA." in text
-    results["variants"].pop()
+    # ahead on both, but by a few images: not a reason to change the preset
+    assert "by less than the noise" in text and "DORA; the preset keeps ADAMW." in text
+    results["variants"].append(variant("ema", 0.95, 0.97))
+    assert "on both purple and base prompts, beyond noise: EMA." in options_table(results)
+    results["variants"] = results["variants"][:2]
     assert "No option beats ADAMW" in options_table(results)
