@@ -1,6 +1,7 @@
 """Regenerate the docs: every image under docs/images/ and every generated number block in the Markdown files.
 
     python docs/build.py            # parameter counts, images, then the number blocks (a few minutes on a CPU)
+    python docs/build.py --retrain  # first retrain the demo adapter with the main command, then as --rerun
     python docs/build.py --rerun    # first re-run the evaluation and the continual-tuning experiment (~10 min)
     python docs/build.py --check    # exit 1 if a number block differs from what the result files say (fast)
     python docs/build.py --blocks   # only re-render the number blocks from the result files (fast)
@@ -13,7 +14,9 @@ are resolved from the repository root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +114,44 @@ def write_figures(adapter: Path = ADAPTER) -> list[Path]:
     return written
 
 
+# What the demo adapter keeps of a run folder: the adapter, its learned word, card inputs and images (not the logs).
+DEMO_FILES = (
+    "pytorch_lora_weights.safetensors",
+    "learned_embeds.safetensors",
+    "train_summary.json",
+    "training_config.yaml",
+    "loss_history.json",
+    "loss_curve.png",
+    "validation_grid.png",
+    "validation",
+)
+
+
+def retrain_demo_adapter() -> None:
+    """Train the demo adapter with the README's main command and commit-ready copy it to embedded/demo_adapter.
+
+    The card is rendered for its new folder, so its snippet loads `embedded/demo_adapter` from the repository root.
+    """
+    from lorakit.card import write_model_card
+
+    preset = yaml.safe_load((REPO / "configs" / "shapes.yaml").read_text())
+    run = REPO / preset["output"]["output_dir"]
+    if run.exists():  # never overwrite a run of the user's; the card must quote the main command as it is
+        raise SystemExit(f"error: {src.relative(run)} exists: move it away, then run --retrain again.")
+    command = ["accelerate", "launch", "--config_file", "accelerate_config.yaml", "train_lora.py"]
+    subprocess.run(command, cwd=REPO, check=True)
+    shutil.rmtree(ADAPTER, ignore_errors=True)
+    ADAPTER.mkdir(parents=True)
+    for name in DEMO_FILES:
+        source = run / name
+        if source.is_dir():
+            shutil.copytree(source, ADAPTER / name)
+        elif source.is_file():
+            shutil.copy2(source, ADAPTER / name)
+    with contextlib.chdir(REPO):  # the card names the adapter by the path it is given: relative to the repository
+        write_model_card(src.relative(ADAPTER))
+
+
 def rerun_experiments() -> None:
     """The result files that take minutes: the evaluation report and the continual-tuning experiment."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
@@ -141,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--rerun", action="store_true", help="Re-run eval and the continual experiment first.")
+    mode.add_argument("--retrain", action="store_true", help="Retrain the demo adapter first, then as --rerun.")
     mode.add_argument("--check", action="store_true", help="Only check that the number blocks are up to date.")
     mode.add_argument("--blocks", action="store_true", help="Only re-render the number blocks.")
     parser.add_argument("--adapter", type=Path, default=ADAPTER, help="Adapter for the figures (default: the demo).")
@@ -154,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         if not (PIPELINE / "model_index.json").is_file():
             print(f"error: {PIPELINE} is missing; build it with `python -m embedded.build`.", file=sys.stderr)
             return 2
-        if args.rerun:
+        if args.retrain:
+            retrain_demo_adapter()
+        if args.rerun or args.retrain:
             rerun_experiments()
         for path in write_counts() + write_figures(args.adapter):
             print(f"wrote {src.relative(path)}")
