@@ -29,6 +29,8 @@ from test_space import (
     pixels,
 )
 
+from bench.generate import stop_process
+
 pytestmark = pytest.mark.slow
 
 # Debian's chromium (or CHROMIUM_PATH); without it, Playwright's own build (.ci/install_browser.sh installs one).
@@ -89,12 +91,7 @@ def serve_space(settings: dict[str, str], tmp_path_factory):
         wait_until_serving(url, process, log_path)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
