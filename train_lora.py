@@ -63,7 +63,7 @@ from lorakit.run_state import (
     stop_requested,
 )
 from lorakit.summary import TrainSummary, write_summary
-from lorakit.timing import NULL_TIMER, PhaseTimer, timed_batches
+from lorakit.timing import NULL_TIMER, PhaseTimer, WallClock, timed_batches
 from lorakit.token_embeddings import (
     TokenEmbeddingOffsets,
     apply_learned_embeds,
@@ -217,7 +217,7 @@ def make_dataloader(
 
 def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | None = None) -> RunResult:
     """The whole run: checks, data, models, LoRA, loop, outputs. `timer` (bench) splits each step's time."""
-    started = time.time()
+    clock = WallClock.now()
     timer = timer or NULL_TIMER
     command = outputs.launch_command(argv)
     preflight(cfg)
@@ -238,8 +238,10 @@ def train(cfg: TrainConfig, argv: list[str] | None = None, timer: PhaseTimer | N
             f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)."
         )
         accelerator.print(run.layout.describe())
+        clock.loop_started = time.time()
         train_loop(cfg, accelerator, run, state, stop, timer, command)
-        out = write_outputs(cfg, accelerator, run, state, data, started, command, precision)
+        clock.loop_ended = time.time()
+        out = write_outputs(cfg, accelerator, run, state, data, clock, command, precision)
         accelerator.end_training()
         publish(cfg, accelerator, out)
         unwrap = accelerator.unwrap_model
@@ -477,7 +479,8 @@ def after_optimizer_step(
             measure_held_out_loss(accelerator, run, state)
     if cfg.training.checkpointing_steps and state.global_step % cfg.training.checkpointing_steps == 0:
         save_training_state(cfg, accelerator, state, run.fingerprint)
-    if validate_now and accelerator.is_main_process:
+    # The last step's grid is the final one, which write_outputs renders: drawing it here too would cost as much again.
+    if validate_now and accelerator.is_main_process and state.global_step < run.total_steps:
         with run.averaged_weights():
             run_validation(cfg, accelerator, run.models, run.unet, run.text_encoder, state.global_step, final=False)
 
@@ -512,7 +515,7 @@ def write_outputs(
     run: Run,
     state: TrainState,
     data: TrainingData,
-    started: float,
+    clock: WallClock,
     command: str,
     precision: PrecisionChoice,
 ) -> Path:
@@ -533,6 +536,7 @@ def write_outputs(
         measure_held_out_loss(accelerator, run, state)
     outputs.write_loss_history(out, state.loss_history, state.validation_history)
     outputs.plot_loss_curve(out, state.loss_history, state.validation_history)
+    finished = time.time()
     summary = TrainSummary(
         base_model=cfg.model.pretrained_model_name_or_path,
         dataset=cfg.data.dataset_name or cfg.data.train_data_dir,
@@ -541,7 +545,7 @@ def write_outputs(
         num_train_epochs=cfg.training.num_train_epochs,
         lora_trainable_parameters=run.lora_parameters,
         adapter_file_bytes=adapter.stat().st_size,
-        train_seconds=round(time.time() - started, 2),  # validation included, as the card says
+        train_seconds=round(finished - clock.train_started, 2),  # validation included, as the card says
         final_loss=state.loss_history[-1]["loss"] if state.loss_history else None,
         command=command,
         mixed_precision=accelerator.mixed_precision,
@@ -562,6 +566,7 @@ def write_outputs(
         validation_rows=len(run.held_out) if run.held_out is not None else None,
         optimizer=cfg.training.optimizer,
         ema_decay=cfg.training.ema_decay if run.ema is not None else None,
+        wall_split=clock.split(finished),
     )
     write_summary(out, summary)
     write_model_card(out)

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="The embedded adapter data from another folder (same rows) for the embedded-default case.",
     )
+    train.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="A checkout of an earlier commit (git worktree add DIR REV): the main-job case runs it too, for ratios.",
+    )
     generate = commands.add_parser("generate", help="Seconds per image with the Space's code, and its cold start.")
     generate.add_argument("--base", default=None, help="Base pipeline (default: the Space's default).")
     generate.add_argument("--adapter", default=None, help="LoRA adapter (default: the Space's default).")
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             on_record=save,
             embedded=args.embedded,
             embedded_data=args.embedded_data,
+            baseline=args.baseline,
         )
     elif args.command == "space-adapters":
         from bench.generate import default_models

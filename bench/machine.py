@@ -7,20 +7,16 @@ import platform
 import resource
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import torch
 
+from lorakit import probe_cache
+
 
 def cpu_model() -> str:
-    """The CPU's marketing name from /proc/cpuinfo (Linux), else platform.processor()."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+    """The CPU's marketing name (the trainer's own lookup, which keys the precision probe's kept timings)."""
+    return probe_cache.cpu_model() or "unknown"
 
 
 def gpu_name() -> str | None:

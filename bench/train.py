@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +48,7 @@ class TrainCase:
     steps_per_epoch: int | None = None
     group: str = ""
     tags: dict = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # set for this case only (e.g. a fresh probe cache)
 
 
 def reference_pipeline(work_dir: Path) -> Path:
@@ -104,9 +110,10 @@ def run_case(case: TrainCase, work_dir: Path) -> dict:
     timer = StepStampTimer()
     load_before = load_average()
     started = time.perf_counter()
-    with PeakMemory() as memory:
+    with PeakMemory() as memory, case_environment(case.env):
         result = train_lora.train(cfg, flags, timer=timer)
     total_s = time.perf_counter() - started
+    summary = read_summary(result.output_dir)
     AcceleratorState._reset_state(reset_partial_state=True)
     steps = len(timer.stamps)
     warmup = min(case.warmup_steps, steps - 1)
@@ -133,11 +140,26 @@ def run_case(case: TrainCase, work_dir: Path) -> dict:
         "load_average_1min": [load_before, load_average()],
         "latent_cache_hit": (result.latent_cache or {}).get("hit"),
         "layout": batch_layout(result.output_dir),
+        "mixed_precision": summary.mixed_precision,
+        "precision_choice": summary.precision_choice,
+        "wind_down_s": (summary.wall_split or {}).get("wind_down_s"),
     }
     if case.steps_per_epoch:
         record["epochs"] = epoch_windows(timer, case.steps_per_epoch, warmup, case.batch_size)
     del result
     return record
+
+
+@contextlib.contextmanager
+def case_environment(env: dict[str, str]):
+    """Environment variables set for one case and restored after it."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 def batch_layout(output_dir: Path) -> dict:
@@ -458,6 +480,48 @@ def real_preset_cases(model: Path, data: Path, short: bool) -> list[TrainCase]:
     ]
 
 
+# `--mixed_precision` values of the precision cases, by the names the docs use.
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "auto": "auto"}
+
+
+def fresh_probe_cache(work_dir: Path, name: str) -> dict[str, str]:
+    """An empty probe-timings folder for one case: `auto` measures, and its start-up pays for it, as on a first run."""
+    folder = work_dir / "probe-cache" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"LORAKIT_CACHE_DIR": str(folder)}
+
+
+def precision_cases(
+    model: Path, work_dir: Path, short: bool, pipeline: Path | None = None, data: Path | None = None
+) -> list[TrainCase]:
+    """fp32, bf16 and `auto` (probe measured afresh) on the embedded default and on the BK-SDM-Tiny architecture at
+    64 px, batch 2: what auto picks on this machine, and its cost or gain against fp32 (issue 22)."""
+    embedded = embedded_flags(pipeline, data)
+    embedded_cfg = parse_args(embedded)
+    bk_data = make_image_folder(work_dir / "data-png-64-16", 16, 64)
+    models = {
+        "embedded": (embedded, embedded_cfg.training.train_batch_size, embedded_cfg.data.resolution, 30),
+        "bk-sdm-tiny-64px": (bk_flags(model, bk_data, 64, 2), 2, 64, 10),
+    }
+    cases = []
+    for model_name, (flags, batch, resolution, steps) in models.items():
+        for label, value in PRECISIONS.items():
+            name = f"precision-{model_name}-{label}"
+            cases.append(
+                TrainCase(
+                    name=name,
+                    description=f"{model_name}, batch {batch}, {resolution} px, --mixed_precision {value}",
+                    flags=[*flags, "--mixed_precision", value, *fixed_steps(3 if short else steps)],
+                    batch_size=batch,
+                    resolution=resolution,
+                    group="precision",
+                    tags={"model": model_name, "precision": label},
+                    env=fresh_probe_cache(work_dir, name) if label == "auto" else {},
+                )
+            )
+    return cases
+
+
 def make_cases(
     names: list[str],
     work_dir: Path,
@@ -480,6 +544,8 @@ def make_cases(
         "gpu": lambda: gpu_cases(reference(), work_dir, short),
         "own-data": lambda: own_data_cases(reference(), work_dir, short, embedded, embedded_data),
         "sidecar-scan": lambda: [sidecar_scan_case(work_dir, short, embedded)],
+        "precision": lambda: precision_cases(reference(), work_dir, short, embedded, embedded_data),
+        "main-job": lambda: [],  # subprocess runs, not in-process cases: run_train_bench runs them (main_job_runs)
     }
     unknown = [name for name in names if name not in builders]
     if unknown:
@@ -487,6 +553,100 @@ def make_cases(
     if "gpu" in names and not torch.cuda.is_available():
         raise SystemExit("The 'gpu' case needs a CUDA GPU; on this machine use the CPU cases (see --help).")
     return [case for name in names for case in builders[name]()]
+
+
+# ---- the main job as users run it: `accelerate launch ...` in a subprocess, wall time split -------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def main_job_command(output_dir: Path, short: bool) -> list[str]:
+    """The README's quickstart command (output elsewhere; capped at a few steps with --short)."""
+    launcher = shutil.which("accelerate")
+    head = [launcher, "launch"] if launcher else [sys.executable, "-m", "accelerate.commands.launch"]
+    command = [*head, "--config_file", "accelerate_config.yaml", "train_lora.py", "--output_dir", str(output_dir)]
+    return command + (["--max_train_steps", "4"] if short else [])
+
+
+def run_main_job(name: str, checkout: Path, work_dir: Path, short: bool, env: dict[str, str]) -> dict:
+    """One main job in `checkout`; wall time from outside, the split from its summary (when it records one)."""
+    out = work_dir / "main-job" / name
+    shutil.rmtree(out, ignore_errors=True)
+    load_before = load_average()
+    started = time.perf_counter()
+    with open(work_dir / f"{name}.log", "w") as log:
+        subprocess.run(
+            main_job_command(out, short), cwd=checkout, env={**os.environ, **env}, stdout=log, stderr=log, check=True
+        )
+    wall_s = time.perf_counter() - started
+    summary = json.loads((out / "train_summary.json").read_text())
+    split = summary.get("wall_split")
+    return {
+        "name": name,
+        "group": "main-job",
+        "checkout": "this" if checkout == REPO_ROOT else str(checkout),
+        "wall_s": wall_s,
+        "wall_split": split,
+        # what passes before the trainer's process starts: accelerate's launcher (it imports torch) and Python
+        "launcher_s": wall_s - sum(split.values()) if split else None,
+        "train_seconds": summary["train_seconds"],
+        "global_step": summary["global_step"],
+        "mixed_precision": summary["mixed_precision"],
+        "precision_choice": summary.get("precision_choice"),
+        "load_average_1min": [load_before, load_average()],
+    }
+
+
+def main_job_runs(work_dir: Path, short: bool, baseline: Path | None = None) -> list[dict]:
+    """The main job with no kept probe timings (a first run), then again (timings kept); with `baseline` (a
+    checkout of an earlier commit), that checkout's run before and after them, so drift shows as a gap."""
+    cache = fresh_probe_cache(work_dir, "main-job")
+    plan = [("main-job-first-run", REPO_ROOT), ("main-job-second-run", REPO_ROOT)]
+    if baseline is not None:
+        plan = [("main-job-baseline", baseline), *plan, ("main-job-baseline-again", baseline)]
+    return [run_main_job(name, checkout, work_dir, short, cache) for name, checkout in plan]
+
+
+def main_job_checks(records: dict[str, dict]) -> dict | None:
+    """The issue's goal (the main job at most 15 s wall) and the split of the runs of this checkout."""
+    first, second = records.get("main-job-first-run"), records.get("main-job-second-run")
+    if not (first and second):
+        return None
+    checks = {
+        "first_run_wall_s": first["wall_s"],
+        "second_run_wall_s": second["wall_s"],
+        "first_run_split": {"launcher_s": first["launcher_s"], **first["wall_split"]},
+        "second_run_split": {"launcher_s": second["launcher_s"], **second["wall_split"]},
+        "second_run_at_most_15_s": second["wall_s"] <= 15.0,
+    }
+    names = ("main-job-baseline", "main-job-baseline-again")
+    baselines = [records[name]["wall_s"] for name in names if name in records]
+    if baselines:
+        before = sum(baselines) / len(baselines)
+        checks["baseline_wall_s"] = before
+        checks["first_run_over_baseline"] = first["wall_s"] / before
+        checks["second_run_over_baseline"] = second["wall_s"] / before
+    return checks
+
+
+def precision_checks(records: dict[str, dict]) -> dict | None:
+    """Per model: what auto chose, and wall time and step time of bf16 and auto as ratios of fp32 (same run)."""
+    checks = {}
+    for model in ("embedded", "bk-sdm-tiny-64px"):
+        runs = {label: records.get(f"precision-{model}-{label}") for label in PRECISIONS}
+        if not all(runs.values()):
+            continue
+        fp32 = runs["fp32"]
+        checks[model] = {
+            "auto_chose": runs["auto"]["mixed_precision"],
+            "auto_reason": runs["auto"]["precision_choice"],
+            "bf16_over_fp32_step": runs["bf16"]["step_s"] / fp32["step_s"],
+            "auto_over_fp32_step": runs["auto"]["step_s"] / fp32["step_s"],
+            "auto_over_fp32_total": runs["auto"]["total_s"] / fp32["total_s"],
+            "auto_startup_minus_fp32_startup_s": runs["auto"]["startup_s"] - fp32["startup_s"],
+            "bf16_minus_fp32_peak_rss_mib": runs["bf16"]["peak_rss_mib"] - fp32["peak_rss_mib"],
+        }
+    return checks or None
 
 
 # ---- checks: the issue's acceptance figures, computed from one bench run ------------------------------------------
@@ -543,6 +703,9 @@ def acceptance(records: dict[str, dict]) -> dict:
     cache = cache_checks(records)
     if cache:
         checks["cache_latents"] = cache
+    for key, figures in (("precision", precision_checks(records)), ("main_job", main_job_checks(records))):
+        if figures:
+            checks[key] = figures
     return checks
 
 
@@ -563,8 +726,10 @@ def run_train_bench(
     on_record=None,
     embedded: Path | None = None,
     embedded_data: Path | None = None,
+    baseline: Path | None = None,
 ) -> tuple[list[dict], dict]:
-    """Every requested case in this process, in order; returns the records and the acceptance checks.
+    """Every requested case in this process, in order, then the main-job runs (subprocesses) if asked; returns
+    the records and the acceptance checks. `baseline` is an earlier checkout the main job is compared with.
 
     `on_record(records, checks)` is called after every case, so a run cut short still leaves its figures.
     """
@@ -590,4 +755,10 @@ def run_train_bench(
         records.append(record)
         if on_record is not None:
             on_record(records, acceptance({r["name"]: r for r in records}))
+    if "main-job" in names:
+        for record in main_job_runs(work_dir, short, baseline):
+            print(f"[bench] {record['name']}: {record['wall_s']:.1f} s wall, split {record['wall_split']}", flush=True)
+            records.append(record)
+            if on_record is not None:
+                on_record(records, acceptance({r["name"]: r for r in records}))
     return records, acceptance({r["name"]: r for r in records})

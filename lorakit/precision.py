@@ -38,6 +38,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 
 from lorakit import checkpoint as ckpt
+from lorakit import probe_cache
 from lorakit.config import ConfigError, TrainConfig
 from lorakit.lora import make_lora_config
 from lorakit.training import load_tokenizer, vae_scale_factor_from_config
@@ -263,6 +264,36 @@ def probe_unet_step(cfg: TrainConfig) -> ProbeTimings:
     return ProbeTimings(tuple(fp32), tuple(bf16), time.perf_counter() - start)
 
 
+def step_shape(cfg: TrainConfig) -> dict:
+    """What the probe's step looks like besides the architecture: the keys under which its timings are kept."""
+    return {
+        "batch": cfg.training.train_batch_size,
+        "resolution": cfg.data.resolution,
+        "lora": [cfg.lora.rank, cfg.lora.lora_alpha, sorted(cfg.lora.target_modules)],
+        "gradient_checkpointing": cfg.training.gradient_checkpointing,
+        "channels_last": cfg.training.channels_last,
+    }
+
+
+def probe_timings(cfg: TrainConfig) -> tuple[ProbeTimings, str]:
+    """The probe's timings and a note on where they came from: kept ones when this machine has measured this
+    architecture at this step shape before (steady measurements only), else a fresh probe."""
+    model = cfg.model
+    unet_config = UNet2DConditionModel.load_config(
+        model.pretrained_model_name_or_path, subfolder="unet", revision=model.revision
+    )
+    key = probe_cache.probe_key(dict(unet_config), step_shape(cfg))
+    kept = probe_cache.load_timings(key)
+    if kept is not None:
+        timings = ProbeTimings(tuple(kept["fp32_seconds"]), tuple(kept["bf16_seconds"]), kept.get("cost_seconds", 0))
+        where = probe_cache.cache_path()
+        return timings, f"; timings measured {kept['measured']}, kept in {where} (delete it to measure again)"
+    timings = probe_unet_step(cfg)
+    if timings.spread <= MAX_PASS_SPREAD:
+        probe_cache.store_timings(key, timings.fp32_seconds, timings.bf16_seconds, timings.cost_seconds)
+    return timings, ""
+
+
 def checkpoint_choice(cfg: TrainConfig) -> tuple[PrecisionChoice | None, str]:
     """The precision of the checkpoint this run resumes from, if any; else (None, a note for an old checkpoint)."""
     checkpoint = ckpt.resolve_resume_dir(cfg.output.output_dir, cfg.training.resume_from_checkpoint)
@@ -283,9 +314,10 @@ def resolve_auto(cfg: TrainConfig, device: torch.device) -> PrecisionChoice:
     timings = None
     if needs_probe(facts):
         try:
-            timings = probe_unet_step(cfg)
+            timings, cached = probe_timings(cfg)
         except RuntimeError as error:  # a bf16 op missing on this CPU: training in bf16 would fail the same way
             return PrecisionChoice("no", f"probe failed in bf16 ({error}){note}")
+        note = cached + note
     choice = decide_precision(facts, timings)
     return PrecisionChoice(choice.mixed_precision, choice.reason + note)
 

@@ -81,6 +81,13 @@ class TrainSummary:
     )
     validation_rows: int | None = field(default=None, metadata={"help": "Held-out rows behind validation_loss."})
     optimizer: str | None = field(default=None, metadata={"help": "The --optimizer the run used."})
+    wall_split: dict[str, float] | None = field(
+        default=None,
+        metadata={
+            "help": "Where this process's wall time went: startup_s (process start to the first step: imports, data, "
+            "models, probe), steps_s (the loop, in-loop validation included), wind_down_s (last step to this file)."
+        },
+    )
     ema_decay: float | None = field(
         default=None, metadata={"help": "EMA decay when the saved adapter is the weights' average (None: raw)."}
     )

@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -62,3 +63,30 @@ def timed_batches(loader, timer: PhaseTimer):
 
 
 NULL_TIMER = PhaseTimer(enabled=False)
+
+
+@dataclass
+class WallClock:
+    """When this process started, when train() began, and when the training loop began and ended (time.time()
+    seconds): the run's fixed cost before the first step and after the last, next to the steps themselves."""
+
+    process_started: float
+    train_started: float
+    loop_started: float | None = None
+    loop_ended: float | None = None
+
+    @classmethod
+    def now(cls) -> WallClock:
+        import psutil  # the process's own start: interpreter and imports count as start-up
+
+        return cls(process_started=psutil.Process().create_time(), train_started=time.time())
+
+    def split(self, finished: float) -> dict[str, float]:
+        """Seconds of start-up (process start to the first step), steps, and wind-down (last step to `finished`)."""
+        loop_started = self.loop_started or finished
+        loop_ended = self.loop_ended or loop_started
+        return {
+            "startup_s": round(loop_started - self.process_started, 2),
+            "steps_s": round(loop_ended - loop_started, 2),
+            "wind_down_s": round(finished - loop_ended, 2),
+        }

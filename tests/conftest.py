@@ -122,6 +122,13 @@ def tiny_train_args(pipeline: Path, data: Path | str, out: Path, *extra: str) ->
     ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def own_probe_cache(tmp_path_factory, monkeypatch):
+    """Each test (and the runs it launches) measures `auto`'s probe afresh: no timings kept from another test or
+    from the user's own ~/.cache/lorakit."""
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path_factory.mktemp("lorakit_cache")))
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """In-process runs each build their own Accelerator (precision differs between tests)."""

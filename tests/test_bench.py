@@ -314,3 +314,67 @@ def test_data_loading_lever_cases_differ_from_the_preset(tmp_path):
     for name in ("embedded-workers0", "jpeg-embedded-workers0"):
         assert (data(name).dataloader_num_workers, data(name).persistent_workers) == (0, False)
     assert data("jpeg-embedded-workers2").dataloader_num_workers == 2
+
+
+@pytest.mark.slow
+def test_precision_cases_run_fp32_bf16_and_auto_with_a_fresh_probe(tiny_pipeline_dir, tmp_path):
+    records, checks = run_train_bench(["precision"], tmp_path, short=True, model=tiny_pipeline_dir)
+    records = {r["name"]: r for r in records}
+    for model in ("embedded", "bk-sdm-tiny-64px"):
+        fp32, bf16, auto = (records[f"precision-{model}-{label}"] for label in ("fp32", "bf16", "auto"))
+        assert (fp32["mixed_precision"], bf16["mixed_precision"]) == ("no", "bf16")
+        assert auto["mixed_precision"] in ("no", "bf16") and auto["precision_choice"]
+        assert checks["precision"][model]["auto_chose"] == auto["mixed_precision"]
+        ratio = checks["precision"][model]["auto_over_fp32_total"]
+        assert math.isclose(ratio, auto["total_s"] / fp32["total_s"])
+        assert all(r["wind_down_s"] is not None and r["wind_down_s"] >= 0 for r in (fp32, bf16, auto))
+    # each auto case starts without kept timings, so it pays for its probe like a first run
+    assert "kept in" not in records["precision-embedded-auto"]["precision_choice"]
+
+
+def test_main_job_checks_split_the_wall_time_and_compare_with_the_baseline():
+    from bench.train import main_job_checks
+
+    def run(name, wall, split=None):
+        launcher = wall - sum(split.values()) if split else None
+        return name, {"name": name, "wall_s": wall, "wall_split": split, "launcher_s": launcher}
+
+    split = {"startup_s": 6.0, "steps_s": 5.0, "wind_down_s": 1.0}
+    records = dict(
+        [
+            run("main-job-baseline", 30.0),
+            run("main-job-first-run", 16.0, split),
+            run("main-job-second-run", 14.0, split),
+            run("main-job-baseline-again", 26.0),
+        ]
+    )
+    checks = main_job_checks(records)
+    assert checks["second_run_split"] == {"launcher_s": 2.0, **split}
+    assert checks["first_run_split"]["launcher_s"] == 4.0
+    assert checks["baseline_wall_s"] == 28.0 and checks["second_run_over_baseline"] == 0.5
+    assert checks["second_run_at_most_15_s"] is True
+    records["main-job-second-run"]["wall_s"] = 15.5
+    assert main_job_checks(records)["second_run_at_most_15_s"] is False
+    assert main_job_checks({"main-job-first-run": records["main-job-first-run"]}) is None
+
+
+@pytest.mark.slow
+def test_main_job_runs_the_readme_command_and_splits_its_wall_time(tmp_path):
+    from bench.train import main_job_command, main_job_runs
+
+    assert main_job_command(tmp_path, short=False)[-5:] == [
+        "--config_file",
+        "accelerate_config.yaml",
+        "train_lora.py",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    first, second = main_job_runs(tmp_path, short=True)
+    for run in (first, second):
+        assert run["global_step"] == 4 and run["checkout"] == "this"
+        assert set(run["wall_split"]) == {"startup_s", "steps_s", "wind_down_s"}
+        assert 0 < run["launcher_s"] < run["wall_s"]  # accelerate's launcher runs before the trainer's process
+    reason = first["precision_choice"] or ""
+    steady_probe = reason.startswith("probe: ") and "varied" not in reason
+    if steady_probe:  # a CPU with native bf16 on a quiet machine: the second run reuses the first run's timings
+        assert "kept in" in second["precision_choice"] and "kept in" not in first["precision_choice"]

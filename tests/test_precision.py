@@ -254,3 +254,33 @@ def test_two_processes_train_in_the_precision_the_main_process_chose(tiny_pipeli
     assert recorded["num_processes"] == 2 and recorded["global_step"] == 2
     assert recorded["mixed_precision"] in ("no", "bf16") and recorded["precision_choice"]
     assert completed.stdout.count("Mixed precision ") == 1  # printed once, by the main process
+
+
+def test_probe_timings_are_kept_per_machine_and_step_shape(monkeypatch, tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    from lorakit import probe_cache
+
+    probes = []
+    monkeypatch.setattr(precision, "device_facts", lambda device: CPU_BF16)
+    monkeypatch.setattr(precision, "probe_unet_step", lambda cfg: probes.append(cfg) or FASTER_BF16)
+    flags = tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "--mixed_precision", "auto")
+    first = precision.resolve_auto(parse_args(flags), torch.device("cpu"))
+    again = precision.resolve_auto(parse_args(flags), torch.device("cpu"))
+    assert len(probes) == 1 and first.mixed_precision == again.mixed_precision == "bf16"
+    assert first.reason == decide_precision(CPU_BF16, FASTER_BF16).reason
+    assert again.reason.startswith(first.reason) and f"kept in {probe_cache.cache_path()}" in again.reason
+    precision.resolve_auto(parse_args([*flags, "--train_batch_size", "3"]), torch.device("cpu"))
+    assert len(probes) == 2  # another micro-batch is another measurement
+    probe_cache.cache_path().write_text("{not json")  # damaged by hand: measured again, not a crash
+    assert precision.resolve_auto(parse_args(flags), torch.device("cpu")).reason == first.reason
+    assert len(probes) == 3
+
+
+def test_a_disturbed_probe_is_not_kept(monkeypatch, tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    busy = ProbeTimings((0.1, 0.45), (0.05, 0.06))  # fp32 passes 4.5x apart: another job was running
+    probes = []
+    monkeypatch.setattr(precision, "device_facts", lambda device: CPU_BF16)
+    monkeypatch.setattr(precision, "probe_unet_step", lambda cfg: probes.append(cfg) or busy)
+    cfg = parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "--mixed_precision", "auto"))
+    for _ in range(2):
+        assert precision.resolve_auto(cfg, torch.device("cpu")).mixed_precision == "no"
+    assert len(probes) == 2
