@@ -191,7 +191,7 @@ def cache_section(cases: list[dict], checks: dict) -> str:
 
 def train_section(document: dict) -> str:
     title = "GPU" if document["machine"].get("gpu") else "CPU"
-    main = [c for c in document["cases"] if c.get("group") != "cache_latents"]
+    main = [c for c in document["cases"] if c.get("group") not in ("cache_latents", "main-job")]
     checks = document.get("checks", {})
     parts = [f"## Training ({title})", "", machine_line(document), "", *note_lines(document)]
     if main:
@@ -229,7 +229,79 @@ def train_section(document: dict) -> str:
         ratio = compiled[batch]["step_s"] / eager[batch]["step_s"]
         parts.append(f"- Batch {batch}: `--compile` step time is {ratio:.2f}x the eager one (same run).")
     parts += preset_lines(main)
-    parts += ["", cache_section(document["cases"], checks)]
+    parts += precision_lines(checks.get("precision") or {})
+    parts += ["", cache_section(document["cases"], checks), main_job_section(document["cases"], checks)]
+    return "\n".join(parts)
+
+
+PRECISION_MODELS = {"embedded": "Embedded default", "bk-sdm-tiny-64px": "BK-SDM-Tiny architecture, 64 px, batch 2"}
+
+
+def precision_lines(checks: dict) -> list[str]:
+    """What `auto` chose per model and what it gained or cost against fp32 (same run); --compile's cost."""
+    lines = []
+    for model, label in PRECISION_MODELS.items():
+        if model not in checks:
+            continue
+        c = checks[model]
+        chose = "fp32" if c["auto_chose"] == "no" else c["auto_chose"]
+        lines.append(
+            f"- {label}: bf16 step time {c['bf16_over_fp32_step']:.2f}x fp32's; `auto` chose {chose} "
+            f'("{c["auto_reason"]}"); the whole `auto` run took {c["auto_over_fp32_total"]:.2f}x the fp32 run\'s '
+            f"time, its start-up {c['auto_startup_minus_fp32_startup_s']:+.1f} s against fp32's (the probe, "
+            "measured afresh)."
+        )
+    if "compile" in checks:
+        c = checks["compile"]
+        lines.append(
+            f"- `--compile` on the BK-SDM-Tiny architecture (64 px, fp32, {c['steps']} steps): "
+            f"{c['extra_seconds']:+.0f} s for the whole run ({c['total_ratio']:.1f}x the eager run), a first step of "
+            f"{fmt(c['first_step_s'])} s against {fmt(c['eager_first_step_s'])} s, then steps at "
+            f"{c['steady_step_ratio']:.2f}x the eager step time."
+        )
+    return lines
+
+
+def main_job_section(cases: list[dict], checks: dict) -> str:
+    """The README's main command as a user runs it: wall time and where it goes."""
+    runs = [c for c in cases if c.get("group") == "main-job"]
+    if not runs:
+        return ""
+    header = ["run", "checkout", "wall s", "launcher s", "start-up s", "steps s", "wind-down s", "precision"]
+    rows = []
+    for run in runs:
+        split = run.get("wall_split") or {}
+        rows.append(
+            [
+                f"`{run['name']}`",
+                "this" if run["checkout"] == "this" else "baseline",
+                fmt(run["wall_s"]),
+                fmt(run["launcher_s"]) if run.get("launcher_s") is not None else "–",
+                *[fmt(split[key]) if key in split else "–" for key in ("startup_s", "steps_s", "wind_down_s")],
+                run["mixed_precision"],
+            ]
+        )
+    parts = [
+        "### The main job (`accelerate launch --config_file accelerate_config.yaml train_lora.py`)",
+        "",
+        markdown_table(header, rows),
+        "",
+        "*Launcher* is what passes before the trainer's process starts (accelerate's launcher imports torch); "
+        "*start-up* runs from that process's start to the first step (imports, data, models, LoRA, the precision "
+        "probe), *steps* is the loop with its mid-run validation grid, *wind-down* the last step to "
+        "`train_summary.json` (final validation grid, adapter, loss curve). The first run measures the precision "
+        "probe; the second reuses its kept timings. A baseline (a checkout of an earlier commit, "
+        "`--baseline`) runs before and after them.",
+    ]
+    job = checks.get("main_job") or {}
+    if "baseline_wall_s" in job:
+        parts += [
+            "",
+            f"- Against the baseline (mean of its two runs, {fmt(job['baseline_wall_s'])} s): first run "
+            f"{job['first_run_over_baseline']:.2f}x, second run {job['second_run_over_baseline']:.2f}x its wall time.",
+        ]
+    if job:
+        parts.append(f"- Goal of at most 15 s wall (second run): {fmt(job['second_run_at_most_15_s'])}.")
     return "\n".join(parts)
 
 
@@ -300,7 +372,7 @@ def closing_note(documents: list[dict]) -> str:
     for d in documents:
         if d["kind"] == "train":
             for c in d["cases"]:
-                if c.get("group") != "cache_latents":
+                if c.get("group") not in ("cache_latents", "main-job"):
                     lines.append(
                         f"- Training `{c['name']}`: {fmt(c['step_s'])} s/step, {fmt(c['images_per_s'])} "
                         f"images/s, data wait {pct(c['phase_share']['data_wait'])}, peak RSS "
@@ -314,6 +386,12 @@ def closing_note(documents: list[dict]) -> str:
                     f"lower; VAE + text share without it {pct(cache['encoder_share_without_cache'])}; "
                     f"same losses: {fmt(cache['same_loss_same_seed'])}; sweep reuses the cache: "
                     f"{fmt(cache['sweep_cache_hit'])}."
+                )
+            job = d.get("checks", {}).get("main_job")
+            if job:
+                lines.append(
+                    f"- Main job (README command, embedded default): {fmt(job['first_run_wall_s'])} s wall on a first "
+                    f"run, {fmt(job['second_run_wall_s'])} s with the probe's timings kept."
                 )
         else:
             r = d["ratios"]

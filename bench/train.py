@@ -491,6 +491,12 @@ def fresh_probe_cache(work_dir: Path, name: str) -> dict[str, str]:
     return {"LORAKIT_CACHE_DIR": str(folder)}
 
 
+def without_flag(flags: list[str], name: str) -> list[str]:
+    """`flags` less one `--name value` pair."""
+    at = flags.index(name)
+    return flags[:at] + flags[at + 2 :]
+
+
 def precision_cases(
     model: Path, work_dir: Path, short: bool, pipeline: Path | None = None, data: Path | None = None
 ) -> list[TrainCase]:
@@ -501,7 +507,7 @@ def precision_cases(
     bk_data = make_image_folder(work_dir / "data-png-64-16", 16, 64)
     models = {
         "embedded": (embedded, embedded_cfg.training.train_batch_size, embedded_cfg.data.resolution, 30),
-        "bk-sdm-tiny-64px": (bk_flags(model, bk_data, 64, 2), 2, 64, 10),
+        "bk-sdm-tiny-64px": (without_flag(bk_flags(model, bk_data, 64, 2), "--mixed_precision"), 2, 64, 10),
     }
     cases = []
     for model_name, (flags, batch, resolution, steps) in models.items():
@@ -520,6 +526,22 @@ def precision_cases(
                 )
             )
     return cases
+
+
+def compile_case(model: Path, work_dir: Path, short: bool) -> TrainCase:
+    """The BK-SDM-Tiny architecture at 64 px in fp32 with `--compile`: what compiling costs a short run on a CPU,
+    against `precision-bk-sdm-tiny-64px-fp32` (same flags without it) when both run."""
+    data = make_image_folder(work_dir / "data-png-64-16", 16, 64)
+    return TrainCase(
+        name="compile-bk-sdm-tiny-64px-fp32",
+        description="bk-sdm-tiny-64px, batch 2, 64 px, fp32, --compile (torch.compile of the UNet)",
+        flags=[*bk_flags(model, data, 64, 2), "--compile", *fixed_steps(3 if short else 10)],
+        batch_size=2,
+        resolution=64,
+        group="compile",
+        warmup_steps=COMPILE_WARMUP_STEPS,
+        tags={"model": "bk-sdm-tiny-64px", "compile": True},
+    )
 
 
 def make_cases(
@@ -545,6 +567,7 @@ def make_cases(
         "own-data": lambda: own_data_cases(reference(), work_dir, short, embedded, embedded_data),
         "sidecar-scan": lambda: [sidecar_scan_case(work_dir, short, embedded)],
         "precision": lambda: precision_cases(reference(), work_dir, short, embedded, embedded_data),
+        "compile": lambda: [compile_case(reference(), work_dir, short)],
         "main-job": lambda: [],  # subprocess runs, not in-process cases: run_train_bench runs them (main_job_runs)
     }
     unknown = [name for name in names if name not in builders]
@@ -645,6 +668,16 @@ def precision_checks(records: dict[str, dict]) -> dict | None:
             "auto_over_fp32_total": runs["auto"]["total_s"] / fp32["total_s"],
             "auto_startup_minus_fp32_startup_s": runs["auto"]["startup_s"] - fp32["startup_s"],
             "bf16_minus_fp32_peak_rss_mib": runs["bf16"]["peak_rss_mib"] - fp32["peak_rss_mib"],
+        }
+    compiled, eager = records.get("compile-bk-sdm-tiny-64px-fp32"), records.get("precision-bk-sdm-tiny-64px-fp32")
+    if compiled and eager and compiled["steps"] == eager["steps"]:
+        checks["compile"] = {
+            "steps": compiled["steps"],
+            "extra_seconds": compiled["total_s"] - eager["total_s"],
+            "total_ratio": compiled["total_s"] / eager["total_s"],
+            "first_step_s": compiled["time_to_first_step_s"] - compiled["startup_s"],
+            "eager_first_step_s": eager["time_to_first_step_s"] - eager["startup_s"],
+            "steady_step_ratio": compiled["step_s"] / eager["step_s"],
         }
     return checks or None
 

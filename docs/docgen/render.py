@@ -344,6 +344,30 @@ def quickstart_time() -> str:
 # --- cost and speed (bench) -------------------------------------------------------------------------------
 
 
+def precision_measured() -> str:
+    """What `auto` chose on the bench's CPU and the ratios against fp32; --compile's cost; the main job (README)."""
+    document = src.read_json(src.BENCH_PRECISION_JSON)
+    if document is None:
+        return _pending("The precision measurements", src.BENCH_PRECISION_COMMAND)
+    checks = document.get("checks", {})
+    machine = document["machine"]
+    lines = bench_report.precision_lines(checks.get("precision") or {})
+    job = checks.get("main_job")
+    if job:
+        split = {key: f"{value:.1f} s" for key, value in job["second_run_split"].items()}
+        lines.append(
+            f"- The quickstart command itself: {job['first_run_wall_s']:.1f} s wall on a first run, "
+            f"{job['second_run_wall_s']:.1f} s once the probe's timings are kept (launcher {split['launcher_s']}, "
+            f"start-up {split['startup_s']}, steps {split['steps_s']}, wind-down {split['wind_down_s']})."
+        )
+    load = machine["load_average_1min_at_start"]
+    intro = (
+        f"Measured on {machine['cpu']} ({machine['cores']} cores, load {load} at the start; "
+        f"`{src.BENCH_PRECISION_COMMAND}`, all in one run, `docs/benchmarks.md` has the tables):"
+    )
+    return intro + "\n\n" + "\n".join(lines)
+
+
 def _gpu_price(facts: dict, gpu_name: str | None) -> dict:
     """The assumed hourly price of the measured GPU, else the first listed."""
     prices = facts["gpu_prices"]
@@ -668,6 +692,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "sample-prompts": sample_prompts,
     "naruto-preset": naruto_preset,
     "quickstart-time": quickstart_time,
+    "precision-measured": precision_measured,
     "python-version": python_version,
     "epoch-cost": epoch_cost,
     "latency": latency,

@@ -34,6 +34,10 @@ CONTINUAL_COMMAND = "python docs/continual_experiment.py"
 OPTIONS_COMMAND = "python docs/options_experiment.py"
 BENCH_CPU_COMMANDS = "python -m bench train && python -m bench generate"
 BENCH_GPU_COMMAND = "bash bench/gpu.sh"
+BENCH_PRECISION_COMMAND = (
+    "python -m bench train --cases precision compile main-job --out bench/results/train-precision-cpu.json"
+)
+BENCH_PRECISION_JSON = BENCH_RESULTS / "train-precision-cpu.json"
 
 
 def demo_summary() -> TrainSummary | None:
