@@ -301,3 +301,50 @@ def test_a_win_of_one_image_is_not_beyond_noise():
     assert not beats_beyond_noise(0.92, 0.90, 50)  # one image of 50
     assert beats_beyond_noise(0.90, 0.60, 50)
     assert not beats_beyond_noise(0.60, 0.90, 50)  # behind is never a win
+
+
+def test_the_options_table_says_whether_bf16_kept_the_quality_of_fp32():
+    from docgen.render import options_table, within_noise
+
+    assert within_noise(0.88, 0.90, 50) and within_noise(0.90, 0.88, 50)
+    assert not within_noise(0.60, 0.90, 50) and not within_noise(0.90, 0.60, 50)
+
+    def variant(name, label, precision, purple, base):
+        sets = {
+            "adapter": {"num_images": 50, "adapter": {"r_precision_top1": purple}, "base": {"r_precision_top1": 0.0}},
+            "base": {"num_images": 210, "adapter": {"r_precision_top1": base}, "base": {"r_precision_top1": 0.86}},
+        }
+        return {
+            "name": name,
+            "label": label,
+            "mixed_precision": precision,
+            "eval": {"sets": sets},
+            "held_out_loss": 0.07,
+            "train_seconds": 10.0,
+            "peak_memory_bytes": 7e8,
+            "global_step": 60,
+            "memory_kind": "peak resident memory",
+        }
+
+    results = {
+        "preset": "configs/shapes.yaml",
+        "held_out": {"rows": 48},
+        "seeds": [0, 1, 2, 3, 4],
+        "device": "cpu",
+        "command": "python docs/options_experiment.py",
+        "variants": [
+            variant("adamw", "AdamW", "no", 0.90, 0.89),
+            variant("bf16", "bf16 mixed precision", "bf16", 0.88, 0.89),
+        ],
+    }
+    text = options_table(results)
+    assert (
+        "| AdamW | 0.90 | 0.89 | 0.0700 | fp32 |" in text
+        and "| bf16 mixed precision | 0.88 | 0.89 | 0.0700 | bf16 |" in text
+    )
+    assert (
+        "bf16 mixed precision against the fp32 preset row: purple 0.88 against 0.90, base 0.89 against 0.89, within the noise"
+        in text
+    )
+    results["variants"][1] = variant("bf16", "bf16 mixed precision", "bf16", 0.50, 0.89)
+    assert "a difference beyond the noise" in options_table(results)

@@ -617,6 +617,41 @@ def beats_beyond_noise(share: float, baseline: float, images: int) -> bool:
     return share - baseline > 1.96 * error
 
 
+def within_noise(share: float, baseline: float, images: int) -> bool:
+    """True when two shares of `images` each differ by at most 1.96 standard errors of their difference."""
+    return not (beats_beyond_noise(share, baseline, images) or beats_beyond_noise(baseline, share, images))
+
+
+PRECISION_LABELS = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def precision_verdict(variants: list[dict], sizes: tuple[int, int]) -> str:
+    """The lower-precision rows against the preset's fp32 row: same learning and forgetting within the noise?"""
+    first = variants[0]
+    if first.get("mixed_precision") != "no":
+        return ""
+    sentences = []
+    for v in variants[1:]:
+        if v.get("mixed_precision") in (None, "no"):
+            continue
+        pairs = [
+            (
+                v["eval"]["sets"][name]["adapter"]["r_precision_top1"],
+                first["eval"]["sets"][name]["adapter"]["r_precision_top1"],
+            )
+            for name in ("adapter", "base")
+        ]
+        same = all(within_noise(a, b, n) for (a, b), n in zip(pairs, sizes, strict=True))
+        figures = (
+            f"purple {pairs[0][0]:.2f} against {pairs[0][1]:.2f}, base {pairs[1][0]:.2f} against {pairs[1][1]:.2f}"
+        )
+        sentences.append(
+            f"{v['label']} against the fp32 preset row: {figures}, "
+            + ("within the noise (quality kept)." if same else "a difference beyond the noise.")
+        )
+    return " ".join(sentences)
+
+
 def options_table(results: dict | None = None) -> str:
     """The default preset with one option changed at a time: learning, forgetting, held-out loss, time, memory."""
     results = results if results is not None else src.read_json(src.OPTIONS_JSON)
@@ -634,12 +669,21 @@ def options_table(results: dict | None = None) -> str:
                 f"{purple:.2f}",
                 f"{base:.2f}",
                 f"{loss:.4f}" if loss is not None else "-",
+                PRECISION_LABELS.get(variant.get("mixed_precision"), "-"),
                 f"{variant['train_seconds']:.0f} s",
                 _mb(variant["peak_memory_bytes"]),
             ]
         )
     table = _table(
-        ["option", "purple R-precision", "base R-precision after", "held-out loss", "training time", "peak memory"],
+        [
+            "option",
+            "purple R-precision",
+            "base R-precision after",
+            "held-out loss",
+            "precision",
+            "training time",
+            "peak memory",
+        ],
         rows,
     )
     first = results["variants"][0]
@@ -668,6 +712,7 @@ def options_table(results: dict | None = None) -> str:
         )
     else:
         verdict = f"No option beats {first['label']} on both purple and base prompts here."
+    verdict = " ".join(filter(None, [verdict, precision_verdict(results["variants"], sizes)]))
     seeds = ", ".join(map(str, results["seeds"]))
     return (
         f"{table}\n\n"
