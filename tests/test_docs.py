@@ -343,8 +343,8 @@ def test_the_options_table_says_whether_bf16_kept_the_quality_of_fp32():
         and "| bf16 mixed precision | 0.88 | 0.89 | 0.0700 | bf16 |" in text
     )
     assert (
-        "bf16 mixed precision against the fp32 preset row: purple 0.88 against 0.90, base 0.89 against 0.89, within the noise"
-        in text
+        "bf16 mixed precision against the fp32 preset row: purple 0.88 against 0.90, base 0.89 against 0.89, "
+        "within the noise" in text
     )
     results["variants"][1] = variant("bf16", "bf16 mixed precision", "bf16", 0.50, 0.89)
     assert "a difference beyond the noise" in options_table(results)
