@@ -38,6 +38,7 @@ from lorakit.data import (
     prepare_dataset,
 )
 from lorakit.ema import TrainedWeightsEMA
+from lorakit.fast_exit import exit_now
 from lorakit.filenames import ADAPTER_FILE, LEARNED_EMBEDS_FILE, RAW_WEIGHTS_DIR
 from lorakit.hub import PushError, push_adapter
 from lorakit.kohya import export_kohya
@@ -618,4 +619,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
