@@ -193,7 +193,9 @@ def train_section(document: dict) -> str:
     title = "GPU" if document["machine"].get("gpu") else "CPU"
     main = [c for c in document["cases"] if c.get("group") not in ("cache_latents", "main-job")]
     checks = document.get("checks", {})
-    parts = [f"## Training ({title})", "", machine_line(document), "", *note_lines(document)]
+    groups = {c.get("group") for c in document["cases"]}
+    what = "Precision, `--compile` and the main job" if groups <= {"precision", "compile", "main-job"} else "Training"
+    parts = [f"## {what} ({title})", "", machine_line(document), "", *note_lines(document)]
     if main:
         parts += [train_table(main), "", case_notes(main), ""]
     if "embedded_data_wait_share" in checks:
