@@ -56,8 +56,13 @@ SKEW = (4, 1)  # black : white images in the skewed batch
 # sample whatever the folders' sizes; the epoch stops when the small white folder runs out, so the rebalanced run
 # takes more epochs, capped at the skewed run's step count (REBALANCED_EPOCHS x its epoch >= one skewed epoch).
 REBALANCE_WEIGHTS = (1, 1)
-REBALANCED_EPOCHS = 3
+# One epoch of the skewed batch at the preset's settings moved the black share of neutral prompts by less than the
+# intervals (kept as the "skewed_short" stage); BIAS_EPOCHS epochs show the drift. A rebalanced epoch is about
+# 2 x the white rows, so it needs about 480 / 192 times as many epochs for the same steps: capped by the step count.
+BIAS_EPOCHS = 10
+REBALANCED_EPOCHS = 3 * BIAS_EPOCHS
 MIN_IMAGES, MIN_SEEDS = 50, 5
+NEUTRAL_IMAGES = 200  # the drift in the black share is a few tenths: 50 images' intervals are too wide to show it
 TRAIN = ["python", "train_lora.py", "--config", "configs/shapes.yaml", "--validation_prompt", "--report_to", "none"]
 FIGURE = src.IMAGES / "continual.png"
 FIGURE_PROMPTS = 3  # per concept, first seed
@@ -130,13 +135,20 @@ def update_commands(work: Path, tag: str, new_data: Path, old_data: Path, extra=
     }
 
 
-def bias_commands(work: Path, skewed: dict[str, Path], extra=(), steps: int | None = None) -> dict[str, list[str]]:
-    """A fresh adapter on the skewed batch as it is, and one on the same images rebalanced by --mix_weights."""
+def bias_commands(work: Path, data: dict, extra=(), steps: int | None = None) -> dict[str, list[str]]:
+    """Fresh adapters for the bias experiment: the skewed batch as it is, for one epoch (the preset) and for
+    BIAS_EPOCHS; a balanced batch for as long; and the skewed images rebalanced by --mix_weights, for the skewed
+    run's `steps` (the rebalanced epoch is shorter: it ends when the white folder runs out)."""
+    skewed = data["skewed"]
+    long = ["--num_train_epochs", str(BIAS_EPOCHS)]
     mix = ["--mix_train_data_dir", _rel(skewed["white"]), "--mix_weights", *map(str, REBALANCE_WEIGHTS)]
-    more = [*mix, "--num_train_epochs", str(REBALANCED_EPOCHS)]
-    more += [] if steps is None else ["--max_train_steps", str(steps)]
+    more = [*mix, "--num_train_epochs", str(REBALANCED_EPOCHS)] + (
+        [] if steps is None else ["--max_train_steps", str(steps)]
+    )
     return {
-        "skewed": _train_command(extra, skewed["all"], work / "skewed"),
+        "skewed_short": _train_command(extra, skewed["all"], work / "skewed_short"),
+        "balanced": _train_command(extra, data["old"], work / "balanced", more=long),
+        "skewed": _train_command(extra, skewed["all"], work / "skewed", more=long),
         "rebalanced": _train_command(extra, skewed["black"], work / "rebalanced", more=more),
     }
 
@@ -187,6 +199,11 @@ def seeds_for(prompts: list[str], min_images: int = MIN_IMAGES, min_seeds: int =
     return tuple(range(max(min_seeds, math.ceil(min_images / len(prompts)))))
 
 
+def set_seeds(name: str, prompts: list[str]) -> tuple[int, ...]:
+    """The seeds of prompt set `name`: more images for the neutral prompts, whose shares move less."""
+    return seeds_for(prompts, NEUTRAL_IMAGES if name.endswith("_neutral") else MIN_IMAGES)
+
+
 def share(hits: int, images: int) -> dict:
     """A share with its count and 95 % Wilson interval, as stored in the result file."""
     return {"hits": hits, "images": images, "share": hits / images, "interval": list(wilson_interval(hits, images))}
@@ -213,7 +230,7 @@ def judge_set(pipe, clip, name: str, prompts: list[str], settings) -> tuple[dict
     from eval.generate import generate
     from lorakit.metrics import clip_r_precision, clip_score
 
-    seeds = seeds_for(prompts)
+    seeds = set_seeds(name, prompts)
     made = generate(pipe, prompts, replace(settings, seeds=seeds), label=name)
     shown = made.images[:: len(seeds)]
     if name.endswith("_neutral"):
@@ -226,17 +243,38 @@ def judge_set(pipe, clip, name: str, prompts: list[str], settings) -> tuple[dict
     return score, shown
 
 
-def judge(pipe, clip, sets: dict[str, list[str]], settings, adapter: Path | None) -> tuple[dict, dict]:
-    """Scores and first-seed images per set, for the base model (adapter None) or base + adapter."""
-    if adapter is not None:
-        pipe.load_lora_weights(str(adapter), adapter_name=adapter.name)
-    scores, images = {}, {}
-    with learned_words(pipe, adapter) if adapter is not None else contextlib.nullcontext():
-        for name, prompts in sets.items():
-            scores[name], images[name] = judge_set(pipe, clip, name, prompts, settings)
-    if adapter is not None:
-        pipe.unload_lora_weights()
-    return scores, images
+class Judge:
+    """The loaded pipeline and CLIP judge, the generation settings and the prompt sets: judges one model at a time.
+
+    A plain class, not a dataclass: tests load this script by path, outside sys.modules."""
+
+    def __init__(self, pipe, clip: tuple, settings, sets: dict[str, list[str]]) -> None:
+        self.pipe, self.clip, self.settings, self.sets = pipe, clip, settings, sets
+
+    def __call__(self, adapter: Path | None, names=None) -> tuple[dict, dict]:
+        """Scores and first-seed images per set (all, or `names`), for the base (adapter None) or base + adapter."""
+        if adapter is not None:
+            self.pipe.load_lora_weights(str(adapter), adapter_name=adapter.name)
+        scores, images = {}, {}
+        with learned_words(self.pipe, adapter) if adapter is not None else contextlib.nullcontext():
+            for name in names or self.sets:
+                scores[name], images[name] = judge_set(self.pipe, self.clip, name, self.sets[name], self.settings)
+        if adapter is not None:
+            self.pipe.unload_lora_weights()
+        return scores, images
+
+
+def load_judge(world_dir: Path) -> Judge:
+    """The world's base pipeline and judge, at the evaluation's settings."""
+    from docgen.figures import load_pipeline
+
+    from eval.generate import GenerationSettings
+    from eval.models import load_clip
+
+    torch.manual_seed(0)
+    settings = GenerationSettings(num_inference_steps=25, guidance_scale=7.5, batch_size=64)
+    clip = load_clip(str(world_dir / "clip"), "cpu")
+    return Judge(load_pipeline(world_dir / "pipeline"), clip, settings, prompt_sets(world_dir / "prompts"))
 
 
 def figure(stage_images: list[tuple[str, dict]], sets: dict[str, list[str]], columns: dict, path: Path) -> Path:
@@ -251,12 +289,12 @@ def figure(stage_images: list[tuple[str, dict]], sets: dict[str, list[str]], col
     return figures.save(figures.grid(rows, [label for label, _ in stage_images], cols, label_width=230), path)
 
 
-def naive_update(pipe, clip, sets: dict, settings, commands: dict[str, list[str]]) -> dict:
+def naive_update(judge: Judge, commands: dict[str, list[str]]) -> dict:
     """Train a candidate's naive update and judge it on the first batch's prompts."""
     command = commands["naive"]
     output = REPO / command[command.index("--output_dir") + 1]
     train(command, output)
-    after, _ = judge(pipe, clip, {NEW_COLOUR: sets[NEW_COLOUR]}, settings, output)
+    after, _ = judge(output, [NEW_COLOUR])
     return {"naive_command": shlex.join(command), "naive_" + NEW_COLOUR: after[NEW_COLOUR]}
 
 
@@ -311,9 +349,83 @@ LABELS = {
     "first": f"after batch 1 ({NEW_COLOUR}, balanced backgrounds)",
     "naive": "(a) batch 2 only, from the batch-1 adapter",
     "replay": f"(b) batch 2 + replay of batch 1 at {REPLAY_WEIGHTS[0]}:{REPLAY_WEIGHTS[1]}",
-    "skewed": f"{NEW_COLOUR} batch skewed {SKEW[0]}:{SKEW[1]} black:white, as it is",
-    "rebalanced": "the same skewed batch, rebalanced with --mix_weights",
+    "skewed_short": f"{NEW_COLOUR} batch skewed {SKEW[0]}:{SKEW[1]} black:white, one epoch",
+    "balanced": f"{NEW_COLOUR} batch 1 (balanced), {BIAS_EPOCHS} epochs",
+    "skewed": f"{NEW_COLOUR} batch skewed {SKEW[0]}:{SKEW[1]} black:white, {BIAS_EPOCHS} epochs",
+    "rebalanced": "the same skewed batch rebalanced with --mix_weights, as many steps",
 }
+
+
+def write_data(work: Path, rows: int) -> dict:
+    """Every data batch of the experiment, `rows` images each (the skewed one also split by background)."""
+    folder = work / "data"
+    return {
+        "old": write_batch(folder / NEW_COLOUR, world.adapter_concepts(), rows, OLD_BATCH_SEED, "First batch"),
+        "new": {
+            name: write_batch(folder / name, cand["concepts"], rows, NEW_BATCH_SEED, f"Candidate: {cand['label']}")
+            for name, cand in candidates().items()
+        },
+        "skewed": write_skewed_batch(folder / "skewed", rows),
+    }
+
+
+def second_batch(judge: Judge, scores: dict, work: Path, data: dict, extra: list[str]) -> tuple[dict, str, dict]:
+    """Each candidate against the base bar, a naive update for those that pass; the rows, the kept one and its
+    update commands."""
+    scored, updates = {}, {}
+    for name, cand in candidates().items():
+        updates[name] = update_commands(work, name, data["new"][name], data["old"], extra)
+        scored[name] = {"name": name, "label": cand["label"], "description": cand["description"]}
+        scored[name] |= score_candidate(scores, name, lambda n=name: naive_update(judge, updates[n]))
+    kept = choose_candidate(scored)
+    return scored, kept, updates[kept]
+
+
+def concept_rows(kept: dict, data: dict) -> list[dict]:
+    """The table's three columns: the first batch, the kept second batch, the base prompts."""
+    return [
+        {"name": NEW_COLOUR, "label": f"{NEW_COLOUR} (batch 1)", "description": "every shape in purple, a colour "
+         "the base UNet was never trained on", "train_rows": src.dataset_rows(data["old"])},
+        {"name": kept["name"], "label": f"{kept['label']} (batch 2)", "description": kept["description"],
+         "train_rows": src.dataset_rows(data["new"][kept["name"]])},
+        {"name": "base", "label": "base prompts", "description": "the base concepts the UNet was pretrained on",
+         "train_rows": 0},
+    ]  # fmt: skip
+
+
+def results_document(scored: dict, kept: str, data: dict, commands: dict, stages: list, judge: Judge) -> dict:
+    """The result file, less the run's timing."""
+    from embedded.measure import candidate_captions
+
+    sets, settings = judge.sets, judge.settings
+    return {
+        "command": src.CONTINUAL_COMMAND,
+        "concepts": concept_rows(scored[kept], data),
+        "candidates": list(scored.values()),
+        "kept": kept,
+        "base_bar": BASE_BAR,
+        "replay_weights": list(REPLAY_WEIGHTS),
+        "bias": {
+            "skew": list(SKEW),
+            "rebalance_weights": list(REBALANCE_WEIGHTS),
+            "prompts": neutral_prompts(),
+            "epochs": BIAS_EPOCHS,
+            "sampled": {name: sampled_mix(commands[name]) for name in ("balanced", "skewed", "rebalanced")},
+            "measure": "judge: the image's prompt with 'on a black background' against 'on a white background'",
+        },
+        "evaluation": {
+            "min_images": MIN_IMAGES,
+            "min_seeds": MIN_SEEDS,
+            "steps": settings.num_inference_steps,
+            "guidance": settings.guidance_scale,
+            "prompts": {k: len(v) for k, v in sets.items()},
+            "seeds": {k: len(set_seeds(k, v)) for k, v in sets.items()},
+            "neutral_images": NEUTRAL_IMAGES,
+            "num_candidates": len(candidate_captions()),
+            "interval": "95 % Wilson score interval",
+        },
+        "stages": stages,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,92 +439,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     extra = [] if args.world is None else ["--pretrained_model_name_or_path", str(base)]
     extra += [] if args.max_train_steps is None else ["--max_train_steps", str(args.max_train_steps)]
-    from docgen.figures import load_pipeline
-
-    from eval.generate import GenerationSettings
-    from eval.models import load_clip
-
     work = args.work_dir.resolve()
-    rows = src.dataset_rows(world_dir / "data" / "adapter")
-    old_data = write_batch(work / "data" / NEW_COLOUR, world.adapter_concepts(), rows, OLD_BATCH_SEED, "First batch")
-    new_data = {
-        name: write_batch(work / "data" / name, cand["concepts"], rows, NEW_BATCH_SEED, f"Candidate: {cand['label']}")
-        for name, cand in candidates().items()
-    }
-    skewed = write_skewed_batch(work / "data" / "skewed", rows)
-    commands = {"first": first_command(work, old_data, extra)}
+    data = write_data(work, src.dataset_rows(world_dir / "data" / "adapter"))
+    commands = {"first": first_command(work, data["old"], extra)}
     summaries = {"first": train(commands["first"], work / "first")}
-
-    torch.manual_seed(0)
-    pipe = load_pipeline(base)
-    clip = load_clip(str(world_dir / "clip"), "cpu")
-    settings = GenerationSettings(num_inference_steps=25, guidance_scale=7.5, batch_size=64)
-    sets = prompt_sets(world_dir / "prompts")
+    judge = load_judge(world_dir)
     scores, images = {}, {}
     for name, adapter in (("base", None), ("first", work / "first")):
-        scores[name], images[name] = judge(pipe, clip, sets, settings, adapter)
+        scores[name], images[name] = judge(adapter)
 
-    # Candidates: the base bar first; a naive update only for those that pass it.
-    scored, updates = {}, {}
-    for name, cand in candidates().items():
-        updates[name] = update_commands(work, name, new_data[name], old_data, extra)
-        scored[name] = {"name": name, "label": cand["label"], "description": cand["description"]}
-        run_naive = lambda n=name: naive_update(pipe, clip, sets, settings, updates[n])  # noqa: E731
-        scored[name] |= score_candidate(scores, name, run_naive)
-    kept = choose_candidate(scored)
-    commands |= updates[kept]
+    scored, kept, updates = second_batch(judge, scores, work, data, extra)
+    commands |= updates | bias_commands(work, data, extra)
     summaries["naive"] = read_summary(work / kept / "naive")
     summaries["replay"] = train(commands["replay"], work / kept / "replay")
-    commands |= bias_commands(work, skewed, extra, summaries["first"].global_step)
-    for name in ("skewed", "rebalanced"):
+    for name in ("skewed_short", "balanced", "skewed"):
         summaries[name] = train(commands[name], work / name)
-    eval_sets = {k: sets[k] for k in (NEW_COLOUR, kept, "base", "purple_neutral", "base_neutral")}
+    commands["rebalanced"] = bias_commands(work, data, extra, summaries["skewed"].global_step)["rebalanced"]
+    summaries["rebalanced"] = train(commands["rebalanced"], work / "rebalanced")
     adapters = {"naive": work / kept / "naive", "replay": work / kept / "replay"}
-    for name in ("naive", "replay", "skewed", "rebalanced"):
-        scores[name], images[name] = judge(pipe, clip, eval_sets, settings, adapters.get(name, work / name))
+    for name in ("naive", "replay", "skewed_short", "balanced", "skewed", "rebalanced"):
+        names = (NEW_COLOUR, kept, "base", "purple_neutral", "base_neutral")
+        scores[name], images[name] = judge(adapters.get(name, work / name), names)
 
     stages = [stage_record("base", LABELS["base"], scores["base"], None, None)]
     stages += [stage_record(n, LABELS[n], scores[n], commands[n], summaries[n]) for n in commands]
-    shown = [(LABELS[n], images[n]) for n in ("base", *commands)]
     columns = {NEW_COLOUR: FIGURE_PROMPTS, kept: FIGURE_PROMPTS, "purple_neutral": FIGURE_PROMPTS}
-    figure_path = figure(shown, sets, columns, args.figure)
-
-    from embedded.measure import candidate_captions
-
-    concepts = [
-        {"name": NEW_COLOUR, "label": f"{NEW_COLOUR} (batch 1)", "description": "every shape in purple, a colour "
-         "the base UNet was never trained on", "train_rows": src.dataset_rows(old_data)},
-        {"name": kept, "label": f"{scored[kept]['label']} (batch 2)", "description": scored[kept]["description"],
-         "train_rows": src.dataset_rows(new_data[kept])},
-        {"name": "base", "label": "base prompts", "description": "the base concepts the UNet was pretrained on",
-         "train_rows": 0},
-    ]  # fmt: skip
-    results = {
-        "command": src.CONTINUAL_COMMAND,
-        "concepts": concepts,
-        "candidates": list(scored.values()),
-        "kept": kept,
-        "base_bar": BASE_BAR,
-        "replay_weights": list(REPLAY_WEIGHTS),
-        "bias": {
-            "skew": list(SKEW),
-            "rebalance_weights": list(REBALANCE_WEIGHTS),
-            "prompts": neutral_prompts(),
-            "sampled": {name: sampled_mix(commands[name]) for name in ("first", "skewed", "rebalanced")},
-            "measure": "judge: the image's prompt with 'on a black background' against 'on a white background'",
-        },
-        "evaluation": {
-            "min_images": MIN_IMAGES,
-            "min_seeds": MIN_SEEDS,
-            "steps": settings.num_inference_steps,
-            "guidance": settings.guidance_scale,
-            "prompts": {k: len(v) for k, v in sets.items()},
-            "seeds": {k: len(seeds_for(v)) for k, v in sets.items()},
-            "num_candidates": len(candidate_captions()),
-            "interval": "95 % Wilson score interval",
-        },
-        "stages": stages,
-        "run": {"wall_seconds": time.perf_counter() - started, "load_at_start": list(load), "cpus": os.cpu_count()},
+    figure_path = figure([(LABELS[n], images[n]) for n in ("base", *commands)], judge.sets, columns, args.figure)
+    results = results_document(scored, kept, data, commands, stages, judge)
+    results["run"] = {
+        "wall_seconds": time.perf_counter() - started,
+        "load_at_start": list(load),
+        "cpus": os.cpu_count(),
     }
     atomic_write_json(args.results, results)
     print(f"wrote {args.results} and {figure_path}")
