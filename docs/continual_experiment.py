@@ -1,6 +1,6 @@
 """Continual tuning in the shapes world: learn a second batch without forgetting the first, and without bias.
 
-    python docs/continual_experiment.py      # ~15 minutes on 2 CPU cores; writes docs/results/continual.json
+    python docs/continual_experiment.py      # ~13 minutes on 2 CPU cores; writes docs/results/continual.json
                                              # and docs/images/continual.png, then re-renders the docs' blocks
 
 1. First batch: purple shapes, drawn like embedded/data/adapter. A fresh adapter learns them (default preset).
