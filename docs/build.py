@@ -2,7 +2,7 @@
 
     python docs/build.py            # parameter counts, images, then the number blocks (a few minutes on a CPU)
     python docs/build.py --retrain  # first retrain the demo adapter with the main command, then as --rerun
-    python docs/build.py --rerun    # first re-run the evaluation and the continual-tuning experiment (~10 min)
+    python docs/build.py --rerun    # first re-run the evaluation and the continual-tuning experiment (~15 min)
     python docs/build.py --check    # exit 1 if a number block differs from what the result files say (fast)
     python docs/build.py --blocks   # only re-render the number blocks from the result files (fast)
 

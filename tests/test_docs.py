@@ -253,11 +253,14 @@ def test_continual_experiment_commands_parse_and_replay_old_data(tmp_path):
     from lorakit.config import parse_args
 
     experiment = _load("continual_experiment", REPO / "docs" / "continual_experiment.py")
-    concepts = experiment.new_batch_concepts()
-    assert {c.shape for c in concepts} == {"blob"} and "purple" not in {c.colour for c in concepts}
-    new_data = experiment.write_new_batch(tmp_path / "blob", 6)
+    candidates = experiment.candidates()
+    assert {c.shape for cand in candidates.values() for c in cand["concepts"]} == {"blob"}
+    assert "purple" not in {c.colour for c in candidates["blob"]["concepts"]}
+    assert {c.colour for c in candidates["purple_blob"]["concepts"]} == {"purple"}
+    new_data = experiment.write_batch(tmp_path / "blob", candidates["purple_blob"]["concepts"], 6, 0, "test")
     assert sources.dataset_rows(new_data) == 6
-    commands = experiment.stage_commands(tmp_path, new_data)
+    commands = {"first": experiment.first_command(tmp_path, tmp_path / "purple")}
+    commands |= experiment.update_commands(tmp_path, "purple_blob", new_data, tmp_path / "purple")
     configs = {name: parse_args(command[2:]) for name, command in commands.items()}
     first = configs["first"].output.output_dir
     assert configs["first"].lora.init_adapter is None
@@ -265,6 +268,66 @@ def test_continual_experiment_commands_parse_and_replay_old_data(tmp_path):
     assert Path(configs["naive"].lora.init_adapter).resolve() == Path(first).resolve()
     assert configs["naive"].data.mix_train_data_dir in (None, [])
     assert configs["replay"].data.mix_weights == [3.0, 1.0]
+    assert configs["naive"].output.output_dir != configs["replay"].output.output_dir
+
+
+def test_continual_bias_batch_is_skewed_and_the_rebalanced_run_samples_it_evenly(tmp_path):
+    """The skewed batch holds the stated share of black images; the rebalance command parses with the trainer's
+    flags and, read through lorakit's own data code, samples about as many black as white rows for as many steps."""
+    sys.path.insert(0, str(REPO))
+    from lorakit.config import parse_args
+
+    experiment = _load("continual_experiment", REPO / "docs" / "continual_experiment.py")
+    rows = 100
+    skewed = experiment.write_skewed_batch(tmp_path / "skewed", rows)
+    black, white = experiment.SKEW
+    assert sources.dataset_rows(skewed["black"]) == rows * black // (black + white)
+    assert sources.dataset_rows(skewed["white"]) == rows * white // (black + white)
+    commands = experiment.bias_commands(tmp_path, {"old": tmp_path / "purple", "skewed": skewed}, steps=12)
+    configs = {name: parse_args(command[2:]) for name, command in commands.items()}
+    assert configs["skewed"].data.mix_train_data_dir in (None, [])
+    assert configs["skewed_short"].training.num_train_epochs == 1  # the preset's epoch, kept for comparison
+    assert configs["skewed"].training.num_train_epochs == configs["balanced"].training.num_train_epochs > 1
+    fixed = configs["rebalanced"]
+    assert Path(fixed.data.train_data_dir).resolve() == skewed["black"].resolve()
+    assert [Path(d).resolve() for d in fixed.data.mix_train_data_dir] == [skewed["white"].resolve()]
+    assert fixed.training.max_train_steps == 12 and fixed.training.num_train_epochs > 1
+    assert experiment.sampled_mix(commands["skewed"])["black_share"] == black / (black + white)
+    mix = experiment.sampled_mix(commands["rebalanced"])
+    assert abs(mix["black_share"] - 0.5) < 0.15
+    batch = 8  # the preset's batch: the rebalanced epochs cover the step cap
+    assert mix["rows"] * fixed.training.num_train_epochs >= 12 * batch
+
+
+def test_continual_experiment_judges_enough_images_and_reads_backgrounds():
+    experiment = _load("continual_experiment", REPO / "docs" / "continual_experiment.py")
+    for prompts in (["a"] * 2, ["a"] * 10, ["a"] * 14):
+        seeds = experiment.seeds_for(prompts)
+        assert len(seeds) >= experiment.MIN_SEEDS and len(seeds) * len(prompts) >= experiment.MIN_IMAGES
+    neutral = experiment.set_seeds("purple_neutral", ["a"] * 5)
+    assert len(neutral) * 5 >= experiment.NEUTRAL_IMAGES > experiment.MIN_IMAGES
+    sys.path.insert(0, str(REPO))
+    from embedded import world
+    from embedded.measure import to_uint8
+
+    concepts = [world.Concept("star", "purple", bg) for bg in ("black", "white", "black")]
+    images = to_uint8([image for image, _, _ in world.sample(concepts, 3, 0)])
+    assert experiment.is_black(images).tolist() == [True, False, True]
+    for prompt in [p for prompts in experiment.neutral_prompts().values() for p in prompts]:
+        assert world.parse_caption(prompt).background is None, prompt
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    from docgen.stats import intervals_apart, wilson_interval
+
+    # 45 of 50: centre (0.9 + 1.96^2/100) / (1 + 1.96^2/50), half-width 1.96 sqrt(0.0018 + 1.96^2/10^4) / (same)
+    assert wilson_interval(45, 50) == pytest.approx((0.7864, 0.9565), abs=1e-4)
+    assert wilson_interval(0, 50) == pytest.approx((0.0, 0.0713), abs=1e-4)  # 1.96^2/50 / (1 + 1.96^2/50)
+    assert wilson_interval(50, 50) == pytest.approx((0.9287, 1.0), abs=1e-4)
+    assert wilson_interval(1, 10) == pytest.approx((0.0179, 0.4042), abs=1e-4)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+    assert intervals_apart((0.1, 0.2), (0.3, 0.4)) and not intervals_apart((0.1, 0.35), (0.3, 0.4))
 
 
 def test_figures_from_a_tiny_pipeline(tiny_pipeline_dir):

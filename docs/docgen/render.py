@@ -14,6 +14,7 @@ import yaml
 
 from bench import report as bench_report
 from docgen import sources as src
+from docgen.stats import intervals_apart
 from embedded import readme as embedded_readme
 from lorakit.markdown import markdown_table
 
@@ -524,9 +525,42 @@ def hosting_cost() -> str:
 # --- continual tuning --------------------------------------------------------------------------------------
 
 
+def _ci(score: dict) -> str:
+    """A share with its 95 % interval."""
+    low, high = score["interval"]
+    return f"{score['share']:.2f} ({low:.2f}\u2013{high:.2f})"
+
+
+def _versus(first: dict, second: dict) -> str:
+    """Whether two shares differ beyond their 95 % intervals, in words."""
+    return "beyond the intervals" if intervals_apart(first["interval"], second["interval"]) else "within the intervals"
+
+
+def _continual() -> dict | None:
+    return src.read_json(src.CONTINUAL_JSON)
+
+
+def continual_candidates() -> str:
+    """The second batches considered, the base bar and the naive update's effect on batch 1 (continual-tuning)."""
+    results = _continual()
+    if results is None:
+        return _pending("The continual-tuning experiment", src.CONTINUAL_COMMAND)
+    first = next(s for s in results["stages"] if s["name"] == "first")["scores"]["purple"]
+    rows = []
+    for cand in results["candidates"]:
+        naive = cand.get("naive_purple")
+        effect = f"{_ci(first)} \u2192 {_ci(naive)}, {_versus(first, naive)}" if naive else "not trained"
+        passes = "yes" if cand["passes_base_bar"] else "**no**"
+        kept = "**kept**" if cand["name"] == results["kept"] else "-"
+        rows.append([cand["label"], _ci(cand["base"]), passes, effect, kept])
+    bar = results["base_bar"]
+    header = ["candidate second batch", "base model R-precision", f"at most {bar}", "naive update: purple", "kept"]
+    return _table(header, rows, ["---", "---:", "---", "---", "---"])
+
+
 def continual_table() -> str:
-    """Per-concept R-precision and CLIP score across the experiment's stages (continual-tuning)."""
-    results = src.read_json(src.CONTINUAL_JSON)
+    """Per-concept R-precision (with 95 % intervals) and CLIP score across the experiment's stages."""
+    results = _continual()
     if results is None:
         return _pending("The continual-tuning experiment", src.CONTINUAL_COMMAND)
     concepts = results["concepts"]
@@ -537,74 +571,162 @@ def continual_table() -> str:
         rows.append(
             [
                 stage["label"],
-                *(f"{scores[c['name']]['r_precision_top1']:.2f}" for c in concepts),
+                *(_ci(scores[c["name"]]) for c in concepts),
                 *(f"{scores[c['name']]['clip_score']:.1f}" for c in concepts),
             ]
         )
     return _table(header, rows)
 
 
+BIAS_STAGES = ("skewed_short", "balanced", "skewed", "rebalanced")
+
+
+def continual_bias() -> str:
+    """Black-background share for prompts that name no background, per model (continual-tuning)."""
+    results = _continual()
+    if results is None:
+        return _pending("The continual-tuning experiment", src.CONTINUAL_COMMAND)
+    sampled = results["bias"]["sampled"]
+    rows = []
+    for stage in results["stages"]:
+        if stage["name"] not in ("base", *BIAS_STAGES):
+            continue
+        scores = stage["scores"]
+        mix = sampled.get(stage["name"].removesuffix("_short"))  # the one-epoch run samples the same batch
+        rows.append(
+            [
+                stage["label"],
+                f"{mix['black_share']:.2f} of {_n(mix['rows'])}" if mix else "-",
+                _ci(scores["purple_neutral"]),
+                _ci(scores["base_neutral"]),
+                f"{scores['purple_neutral']['pixel_black'] / scores['purple_neutral']['images']:.2f}",
+                f"{scores['base_neutral']['pixel_black'] / scores['base_neutral']['images']:.2f}",
+            ]
+        )
+    header = [
+        "model",
+        "black share of the training sample",
+        "purple prompts: black, judge",
+        "base-colour prompts: black, judge",
+        "purple: black, border pixels",
+        "base-colour: black, border pixels",
+    ]
+    return _table(header, rows)
+
+
 def continual_setup() -> str:
     """The experiment's settings, stated from its result file (continual-tuning)."""
-    results = src.read_json(src.CONTINUAL_JSON)
+    results = _continual()
     if results is None:
         return _pending("The continual-tuning experiment", src.CONTINUAL_COMMAND)
     ev = results["evaluation"]
+    images = lambda name: ev["prompts"][name] * ev["seeds"][name]  # noqa: E731
     lines = []
     for concept in results["concepts"]:
         data = f", {_n(concept['train_rows'])} training images" if concept["train_rows"] else ""
-        prompts = ev["prompts_per_concept"][concept["name"]]
-        lines.append(f"- {concept['label']}: {concept['description']} ({prompts} evaluation prompts{data})")
+        name = concept["name"]
+        lines.append(
+            f"- {concept['label']}: {concept['description']} ({ev['prompts'][name]} evaluation prompts x "
+            f"{ev['seeds'][name]} seeds = {images(name)} images per model{data})"
+        )
+    for name, what in (("purple_neutral", "purple"), ("base_neutral", "base-colour")):
+        lines.append(
+            f'- {what} prompts that name no background, e.g. "{results["bias"]["prompts"][name][0]}" '
+            f"({ev['prompts'][name]} prompts x {ev['seeds'][name]} seeds = {images(name)} images per model)"
+        )
     for stage in results["stages"]:
         if stage.get("command"):
             lines.append(
                 f"- {stage['label']}: `{stage['command']}` ({stage['global_step']} steps over "
                 f"{_n(stage['num_samples'])} samples, {stage['train_seconds']:.0f} s)"
             )
+    run = results["run"]
     lines.append(
-        f"- Judging: seeds {', '.join(map(str, ev['seeds']))} per prompt, {ev['steps']} sampler steps, guidance "
-        f"{ev['guidance']}; R-precision ranks each image's prompt among {ev['num_candidates']} world captions "
-        "with the embedded CLIP. Source: `docs/results/continual.json`."
+        f"- Judging: {ev['steps']} sampler steps, guidance {ev['guidance']}, at least {ev['min_seeds']} seeds per "
+        f"prompt and {ev['min_images']} images per figure; R-precision ranks each image's prompt among "
+        f"{ev['num_candidates']} world captions with the embedded CLIP; every share has its {ev['interval']}. "
+        f"The whole run took {run['wall_seconds'] / 60:.1f} min wall on {run['cpus']} CPU cores (load average "
+        f"{run['load_at_start'][0]:.2f} at its start). Source: `docs/results/continual.json`."
     )
     return "\n".join(lines)
 
 
+def _bias_findings(results: dict, stage: dict) -> list[str]:
+    """The bias experiment's findings: the skew the batch puts into neutral prompts, and the fix."""
+    sampled, epochs = results["bias"]["sampled"], results["bias"]["epochs"]
+    lines = []
+    for name, what in (("purple_neutral", "purple"), ("base_neutral", "base-colour")):
+        base, short, balanced, skewed, fixed = (stage[s][name] for s in ("base", *BIAS_STAGES))
+        lines.append(
+            f"- **Bias, {what} prompts without a background:** black in {_ci(base)} of the base model's images; "
+            f"after one epoch of the skewed batch (the preset) {_ci(short)}, {_versus(short, base)} of the base. "
+            f"After {epochs} epochs: {_ci(balanced)} with the balanced batch, {_ci(skewed)} with the skewed one "
+            f"({_versus(skewed, base)} of the base, {_versus(skewed, balanced)} of the balanced run), and "
+            f"{_ci(fixed)} rebalanced ({_versus(fixed, skewed)} of the skewed run, {_versus(fixed, base)} of the "
+            "base)."
+        )
+    fixed, skewed = sampled["rebalanced"], sampled["skewed"]
+    weights = ":".join(map(str, results["bias"]["rebalance_weights"]))
+    steps = {s["name"]: s for s in results["stages"]}
+    lines.append(
+        f"- **What the trainer sampled:** the skewed batch as it is, {_n(skewed['rows'])} rows per epoch, "
+        f"{skewed['black_share']:.2f} black; with `--mix_weights` {weights} (black folder : white folder), "
+        f"{_n(fixed['rows'])} rows per epoch, {fixed['black_share']:.2f} black (read back through `lorakit.data`), "
+        f"repeated to the same {steps['rebalanced']['global_step']} steps as the skewed run's "
+        f"{steps['skewed']['global_step']}."
+    )
+    agreement = min(s[n]["agreement"] for s in stage.values() for n in ("purple_neutral", "base_neutral") if n in s)
+    share = "every image" if agreement == 1 else f"at least {agreement:.2f} of the images of every row"
+    lines.append(
+        f"- **Measure:** the judge's call (black or white background) agreed with the border pixels on {share}."
+    )
+    return lines
+
+
 def continual_findings() -> str:
-    """What the table shows, in words, with the figures it rests on (continual-tuning)."""
-    results = src.read_json(src.CONTINUAL_JSON)
+    """What the tables show, in words, with the intervals that say which differences are beyond noise."""
+    results = _continual()
     if results is None:
         return _pending("The continual-tuning experiment", src.CONTINUAL_COMMAND)
     stage = {s["name"]: s["scores"] for s in results["stages"]}
-
-    def r(name: str, concept: str) -> str:
-        return f"{stage[name][concept]['r_precision_top1']:.2f}"
-
-    def c(name: str, concept: str) -> str:
-        return f"{stage[name][concept]['clip_score']:.1f}"
-
+    kept = results["kept"]
+    new = next(c for c in results["concepts"] if c["name"] == kept)["label"]
+    rejected = [c for c in results["candidates"] if not c["passes_base_bar"]]
     weights = ":".join(str(w) for w in results["replay_weights"])
-    images = stage["first"]["purple"]["images"]
-    return "\n".join(
-        [
-            f"- **Batch 1 learned:** purple R-precision went from {r('base', 'purple')} (base model) to "
-            f"{r('first', 'purple')} with the first adapter (CLIP score {c('base', 'purple')} to "
-            f"{c('first', 'purple')}).",
-            f"- **Naive update:** training on the blobs alone took blob R-precision from {r('first', 'blob')} to "
-            f"{r('naive', 'blob')}, while purple went from {r('first', 'purple')} to {r('naive', 'purple')} "
-            f"(CLIP score {c('first', 'purple')} to {c('naive', 'purple')}): "
-            + ("forgetting." if float(r("naive", "purple")) < float(r("first", "purple")) else "no forgetting here."),
-            f"- **With replay ({weights} new to old):** purple {r('replay', 'purple')} (CLIP score "
-            f"{c('replay', 'purple')}), blob {r('replay', 'blob')} (CLIP score {c('replay', 'blob')}, against "
-            f"{c('naive', 'blob')} naive).",
-            f"- **Base prompts** (what the model could do before any adapter): {r('base', 'base')} for the base "
-            f"model, {r('first', 'base')} after batch 1, {r('naive', 'base')} naive, {r('replay', 'base')} with "
-            "replay.",
-            f"- **How sure:** each figure rests on {images} images per concept (one image moves R-precision by "
-            f"{1 / images:.2f}), and the shapes world's judge and base model are themselves imperfect (their own "
-            "accuracy is in `embedded/README.md`); read differences of a few hundredths as noise, and rerun with more "
-            "seeds (`--seeds 0 1 2 3`) before drawing finer conclusions.",
-        ]
-    )
+    p = lambda name: stage[name]["purple"]  # noqa: E731
+    k = lambda name: stage[name][kept]  # noqa: E731
+    b = lambda name: stage[name]["base"]  # noqa: E731
+    lines = [
+        f"- **Batch 1 learned:** purple R-precision went from {_ci(p('base'))} (base model) to {_ci(p('first'))} "
+        f"with the first adapter, {_versus(p('base'), p('first'))}.",
+        "- **Second batch:** "
+        + "; ".join(
+            f"{c['label']} rejected: the base model already scores {_ci(c['base'])}, above the bar of "
+            f"{results['base_bar']}"
+            for c in rejected
+        )
+        + f"{'; ' if rejected else ''}kept: {new}, {_ci(k('base'))} on the base model.",
+        f"- **Naive update:** training on the second batch alone took purple from {_ci(p('first'))} to "
+        f"{_ci(p('naive'))} ({_versus(p('first'), p('naive'))}: "
+        + ("forgetting" if intervals_apart(p("first")["interval"], p("naive")["interval"]) else "not clear forgetting")
+        + f"); {new} went from {_ci(k('first'))} to {_ci(k('naive'))} ({_versus(k('first'), k('naive'))}).",
+        f"- **With replay ({weights} new to old):** purple {_ci(p('replay'))}, {_versus(p('replay'), p('naive'))} "
+        f"of the naive run and {_versus(p('replay'), p('first'))} of the first adapter; {new} {_ci(k('replay'))} "
+        f"({_versus(k('replay'), k('naive'))} of the naive run).",
+        f"- **Base prompts:** {_ci(b('base'))} for the base model; "
+        + ", ".join(
+            f"{_ci(b(name))} {what} ({_versus(b(name), b('base'))})"
+            for name, what in (("first", "after batch 1"), ("naive", "naive"), ("replay", "with replay"))
+        )
+        + ", each against the base model.",
+        *_bias_findings(results, stage),
+        f"- **How sure:** every figure is a share of {results['evaluation']['min_images']} or more images with its "
+        "95 % Wilson interval. A difference counts as real here only when the two intervals do not overlap, a strict "
+        'test: a real gap of a few hundredths can hide inside overlapping intervals, so "within the intervals" '
+        'means "not shown", not "no difference". The judge and the base model are themselves imperfect (their '
+        "own accuracy is in `embedded/README.md`).",
+    ]
+    return "\n".join(lines)
 
 
 # --- training options --------------------------------------------------------------------------------------
@@ -745,6 +867,8 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "continual-table": continual_table,
     "continual-setup": continual_setup,
     "continual-findings": continual_findings,
+    "continual-candidates": continual_candidates,
+    "continual-bias": continual_bias,
     "options-table": options_table,
     # docs/benchmarks.md and embedded/README.md: their renderers live beside the code that makes their results
     **bench_report.block_renderers(),
