@@ -253,14 +253,15 @@ def precision_lines(checks: dict) -> list[str]:
             f"time, its start-up {c['auto_startup_minus_fp32_startup_s']:+.1f} s against fp32's (the probe, "
             "measured afresh)."
         )
-    if "compile" in checks:
-        c = checks["compile"]
-        lines.append(
-            f"- `--compile` on the BK-SDM-Tiny architecture (64 px, fp32, {c['steps']} steps): "
-            f"{c['extra_seconds']:+.0f} s for the whole run ({c['total_ratio']:.1f}x the eager run), a first step of "
-            f"{fmt(c['first_step_s'])} s against {fmt(c['eager_first_step_s'])} s, then steps at "
-            f"{c['steady_step_ratio']:.2f}x the eager step time."
-        )
+    for state, cache in (("cold", "an empty compiler cache (a first run)"), ("warm", "the cache that run left")):
+        c = checks.get(f"compile_{state}")
+        if c:
+            lines.append(
+                f"- `--compile` on the BK-SDM-Tiny architecture (64 px, fp32, {c['steps']} steps), {cache}: "
+                f"{c['extra_seconds']:+.0f} s for the whole run ({c['total_ratio']:.1f}x the eager run), a first step "
+                f"of {fmt(c['first_step_s'])} s against {fmt(c['eager_first_step_s'])} s, then steps at "
+                f"{c['steady_step_ratio']:.2f}x the eager step time."
+            )
     return lines
 
 

@@ -378,3 +378,41 @@ def test_main_job_runs_the_readme_command_and_splits_its_wall_time(tmp_path):
     steady_probe = reason.startswith("probe: ") and "varied" not in reason
     if steady_probe:  # a CPU with native bf16 on a quiet machine: the second run reuses the first run's timings
         assert "kept in" in second["precision_choice"] and "kept in" not in first["precision_choice"]
+
+
+def test_precision_checks_compare_with_fp32_and_the_report_says_what_auto_chose():
+    from bench.report import precision_lines
+    from bench.train import precision_checks
+
+    def record(name, total, step, startup, first_step_end, precision="no", reason=None, rss=1000.0):
+        return name, {
+            "total_s": total,
+            "step_s": step,
+            "startup_s": startup,
+            "time_to_first_step_s": first_step_end,
+            "steps": 10,
+            "mixed_precision": precision,
+            "precision_choice": reason,
+            "peak_rss_mib": rss,
+        }
+
+    records = dict(
+        [
+            record("precision-bk-sdm-tiny-64px-fp32", 20.0, 1.0, 1.0, 3.0),
+            record("precision-bk-sdm-tiny-64px-bf16", 14.0, 0.6, 1.0, 2.0, "bf16", rss=900.0),
+            record("precision-bk-sdm-tiny-64px-auto", 16.0, 0.6, 5.0, 6.0, "bf16", "probe: bf16 1.50x faster"),
+            record("compile-bk-sdm-tiny-64px-fp32-cold", 150.0, 1.2, 1.0, 131.0),
+            record("compile-bk-sdm-tiny-64px-fp32-warm", 40.0, 1.2, 1.0, 21.0),
+        ]
+    )
+    checks = precision_checks(records)
+    bk = checks["bk-sdm-tiny-64px"]
+    assert bk["auto_chose"] == "bf16" and bk["auto_over_fp32_total"] == 0.8 and bk["bf16_over_fp32_step"] == 0.6
+    assert bk["auto_startup_minus_fp32_startup_s"] == 4.0 and bk["bf16_minus_fp32_peak_rss_mib"] == -100.0
+    assert checks["compile_cold"]["extra_seconds"] == 130.0 and checks["compile_cold"]["first_step_s"] == 130.0
+    assert checks["compile_warm"]["total_ratio"] == 2.0 and checks["compile_warm"]["steady_step_ratio"] == 1.2
+    assert "embedded" not in checks  # its runs are missing: no figure rather than a wrong one
+    text = "\n".join(precision_lines(checks))
+    assert "`auto` chose bf16 (\"probe: bf16 1.50x faster\"); the whole `auto` run took 0.80x" in text
+    assert "an empty compiler cache (a first run): +130 s for the whole run (7.5x the eager run)" in text
+    assert "the cache that run left: +20 s" in text
