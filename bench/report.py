@@ -253,7 +253,11 @@ def precision_lines(checks: dict) -> list[str]:
             f"time, its start-up {c['auto_startup_minus_fp32_startup_s']:+.1f} s against fp32's (the probe, "
             "measured afresh)."
         )
-    for state, cache in (("cold", "an empty compiler cache (a first run)"), ("warm", "the cache that run left")):
+    caches = {
+        "cold": "an empty compiler cache (a first run)",
+        "warm": "again in the same process (what that run compiled kept)",
+    }
+    for state, cache in caches.items():
         c = checks.get(f"compile_{state}")
         if c:
             lines.append(

@@ -530,7 +530,8 @@ def precision_cases(
 
 def compile_cases(model: Path, work_dir: Path, short: bool) -> list[TrainCase]:
     """The BK-SDM-Tiny architecture at 64 px in fp32 with `--compile`, first with an empty compiler cache (a
-    user's first run), then again with the cache that run left: what compiling costs a short run on a CPU, against
+    user's first run), then again in the same process, where dynamo and inductor keep what the first run compiled
+    (warmer than a new process with a warm on-disk cache): what compiling costs a short run on a CPU, against
     `precision-bk-sdm-tiny-64px-fp32` (same flags without it) when both run."""
     data = make_image_folder(work_dir / "data-png-64-16", 16, 64)
     cache = work_dir / "inductor-cache"

@@ -415,4 +415,4 @@ def test_precision_checks_compare_with_fp32_and_the_report_says_what_auto_chose(
     text = "\n".join(precision_lines(checks))
     assert '`auto` chose bf16 ("probe: bf16 1.50x faster"); the whole `auto` run took 0.80x' in text
     assert "an empty compiler cache (a first run): +130 s for the whole run (7.5x the eager run)" in text
-    assert "the cache that run left: +20 s" in text
+    assert "again in the same process (what that run compiled kept): +20 s" in text
