@@ -675,6 +675,7 @@ def precision_checks(records: dict[str, dict]) -> dict | None:
             "bf16_over_fp32_step": runs["bf16"]["step_s"] / fp32["step_s"],
             "auto_over_fp32_step": runs["auto"]["step_s"] / fp32["step_s"],
             "auto_over_fp32_total": runs["auto"]["total_s"] / fp32["total_s"],
+            "fp32_step_s": fp32["step_s"],
             "auto_startup_minus_fp32_startup_s": runs["auto"]["startup_s"] - fp32["startup_s"],
             "bf16_minus_fp32_peak_rss_mib": runs["bf16"]["peak_rss_mib"] - fp32["peak_rss_mib"],
         }

@@ -414,5 +414,6 @@ def test_precision_checks_compare_with_fp32_and_the_report_says_what_auto_chose(
     assert "embedded" not in checks  # its runs are missing: no figure rather than a wrong one
     text = "\n".join(precision_lines(checks))
     assert '`auto` chose bf16 ("probe: bf16 1.50x faster"); the whole `auto` run took 0.80x' in text
+    assert "at 0.40 s saved per step the probe is repaid after about 10 steps" in text
     assert "an empty compiler cache (a first run): +130 s for the whole run (7.5x the eager run)" in text
     assert "again in the same process (what that run compiled kept): +20 s" in text
