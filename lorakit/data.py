@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 import torch
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lorakit.buckets import BucketSpec, Size, assign_buckets, histogram
 from lorakit.captions import CaptionOptions, apply_options
@@ -150,6 +150,37 @@ def _open_image(value: Any) -> Image.Image:
     return Image.open(value)
 
 
+# EXIF orientation values (TIFF tag 274) whose upright picture is the stored one turned a quarter: width and
+# height swap. Phone cameras store portrait photos sideways with such a tag.
+EXIF_ORIENTATION_TAG = 0x0112
+QUARTER_TURN_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+# How `open_upright` turns a file into pixels; part of the latent cache key, so caches written before EXIF
+# orientation was applied (sideways phone photos) are not read as if they held upright images.
+IMAGE_DECODING = "rgb, exif orientation applied"
+
+
+def upright_size(image: Image.Image) -> Size:
+    """(width, height) of the picture as viewers show it: the stored size, swapped for a quarter-turn EXIF tag.
+
+    Reads the EXIF block the header parse already holds (`info["exif"]`), never the pixels: `getexif()` would
+    decode a whole PNG to look for the tag, and the scan must stay a header read."""
+    raw = image.info.get("exif")
+    exif = Image.Exif()
+    if raw:
+        exif.load(raw)
+    orientation = exif.get(EXIF_ORIENTATION_TAG)
+    width, height = image.size
+    return (height, width) if orientation in QUARTER_TURN_ORIENTATIONS else (width, height)
+
+
+def open_upright(value: Any) -> Image.Image:
+    """The image as viewers show it (EXIF orientation applied), in RGB: what every sample is cropped from."""
+    with _open_image(value) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
 def _image_identity(value: Any) -> bytes:
     """What identifies an image's content cheaply: its bytes' hash, or its path with size and modification time."""
     if isinstance(value, dict) and value.get("bytes") is not None:
@@ -186,7 +217,7 @@ def scan_images(dataset: datasets.Dataset, image_column: str) -> tuple[str, list
             continue
         try:
             with _open_image(value) as image:
-                size = image.size
+                size = upright_size(image)
                 image.verify()
             identity = _image_identity(value)
             digest.update(identity)
@@ -384,7 +415,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{self.seed}/{self._shared_epoch.value}/{index}")
         row = self.rows[int(index)]
         size = tuple(self.sizes[index]) if self.sizes is not None else (self.resolution, self.resolution)
-        image = resize_and_crop_to(_open_image(row[self.image_column]).convert("RGB"), size, self.center_crop, rng)
+        image = resize_and_crop_to(open_upright(row[self.image_column]), size, self.center_crop, rng)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         caption = pick_caption(row[self.caption_column], rng)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from lorakit.captions import drops_caption
 from lorakit.config import TrainConfig
-from lorakit.data import CaptionedImageDataset, collate_examples
+from lorakit.data import IMAGE_DECODING, CaptionedImageDataset, collate_examples
 from lorakit.filenames import LEARNED_EMBEDS_FILE
 from lorakit.training import Models
 
@@ -73,6 +73,7 @@ def cache_key(cfg: TrainConfig, data_fingerprint: str, cache_text: bool, encoder
         "image_column": cfg.data.image_column,
         "caption_column": cfg.data.caption_column,
         "resolution": cfg.data.resolution,
+        "image_decoding": IMAGE_DECODING,
         "center_crop": cfg.data.center_crop,
         "random_flip": cfg.data.random_flip,
         "seed": cfg.training.seed,

@@ -393,3 +393,31 @@ def test_a_held_out_split_of_repeat_folders_is_refused(tmp_path):
     root = make_repeat_tree(tmp_path / "data")
     with pytest.raises(DataError, match="repeat folders .*6 images in 12 rows.*--validation_data_dir"):
         prepare_dataset(DataConfig(train_data_dir=str(root), resolution=32, validation_split=0.2), 0)
+
+
+def test_sideways_phone_photos_are_bucketed_and_trained_upright(tmp_path):
+    """A JPEG stored 80x40 with EXIF orientation 6 (camera held upright) is a 40x80 portrait to every viewer."""
+    from PIL import Image
+
+    from lorakit.data import EXIF_ORIENTATION_TAG
+
+    stored = Image.new("RGB", (80, 40), (220, 30, 30))
+    stored.paste((30, 60, 220), (40, 0, 80, 40))  # left half red, right half blue, as stored
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = 6  # viewers turn it a quarter clockwise: the stored left half ends up on top
+    folder = tmp_path / "data"
+    folder.mkdir()
+    stored.save(folder / "portrait.jpg", exif=exif, quality=95)
+    (folder / "portrait.txt").write_text("a red circle")
+    save_image(folder / "square.png", SQUARE, 0)
+    (folder / "square.txt").write_text("a red square")
+    data = prepare_dataset(data_config(folder, *BUCKET_FLAGS), seed=0)
+    assert data.bucket_histogram == {"32x64": 1, "48x48": 1}  # the photo went to the portrait bucket
+    portrait = data.buckets.index((32, 64))
+    dataset = CaptionedImageDataset(
+        data.rows, "image", "text", build_clip_tokenizer(["a"]), 48, sizes=data.buckets, seed=0
+    )
+    pixels = dataset[portrait]["pixel_values"]  # (3, 64, 32) in [-1, 1]
+    top, bottom = pixels[:, :24].mean(dim=(1, 2)), pixels[:, 40:].mean(dim=(1, 2))
+    assert top[0] > 0.5 and top[2] < -0.3  # red on top
+    assert bottom[2] > 0.3 and bottom[0] < -0.3  # blue below
