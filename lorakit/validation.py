@@ -81,18 +81,22 @@ def render_validation_images(
 
 
 def image_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, cell: int | None = None) -> Image.Image:
-    """Paste images into a grid (rows x columns), optional text label above each row; small images upscaled."""
-    size = cell or max(rows[0][0].width, 128)
+    """Paste images into a grid (rows x columns), optional text label above each row. Each cell keeps the images'
+    aspect ratio, its longer side `cell` pixels (default: the images' own, at least 128: small images upscaled)."""
+    first = rows[0][0]
+    longest = cell or max(first.width, first.height, 128)
+    scale = longest / max(first.width, first.height)
+    cell_w, cell_h = max(1, round(first.width * scale)), max(1, round(first.height * scale))
     label_height = 14 if labels else 0
     columns = max(len(row) for row in rows)
-    grid = Image.new("RGB", (columns * size, len(rows) * (size + label_height)), "white")
+    grid = Image.new("RGB", (columns * cell_w, len(rows) * (cell_h + label_height)), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
-        top = r * (size + label_height)
+        top = r * (cell_h + label_height)
         if labels:
-            draw.text((2, top + 1), labels[r][: size * columns // 6], fill="black")
+            draw.text((2, top + 1), labels[r][: cell_w * columns // 6], fill="black")
         for c, image in enumerate(row):
-            grid.paste(image.resize((size, size), Image.Resampling.NEAREST), (c * size, top + label_height))
+            grid.paste(image.resize((cell_w, cell_h), Image.Resampling.NEAREST), (c * cell_w, top + label_height))
     return grid
 
 

@@ -50,3 +50,14 @@ def test_batched_validation_matches_one_image_per_call(tiny_pipe, monkeypatch):
     # each prompt in its own row: the second row is what that prompt alone draws
     alone = _render(tiny_pipe, ValidationArgs(**{**vars(args), "validation_prompt": ["a blue square"]}))
     assert all(np.abs(a - b).max() <= 2 for a, b in zip(alone[0], batched[1], strict=True))
+
+
+def test_grid_cells_keep_the_images_aspect_ratio():
+    from PIL import Image
+
+    wide = [[Image.new("RGB", (64, 32), "red"), Image.new("RGB", (64, 32), "blue")]] * 3
+    grid = validation.image_grid(wide, labels=["a", "b", "c"])
+    assert grid.size == (2 * 128, 3 * (64 + 14))  # 2:1 cells, longer side 128 (small images upscaled)
+    assert grid.getpixel((127, 14 + 63)) == (255, 0, 0) and grid.getpixel((128, 14)) == (0, 0, 255)
+    square = validation.image_grid([[Image.new("RGB", (256, 256), "red")]])
+    assert square.size == (256, 256)  # already large: kept at its own size
