@@ -40,7 +40,6 @@ from docgen.stats import intervals_apart, wilson_interval  # noqa: E402
 
 from embedded import world  # noqa: E402
 from embedded.dataset import write_imagefolder  # noqa: E402
-from lorakit.atomic import atomic_write_json  # noqa: E402
 from lorakit.paths import EMBEDDED_PIPELINE, EMBEDDED_PROMPTS  # noqa: E402
 from lorakit.summary import TrainSummary, read_summary  # noqa: E402
 from lorakit.token_embeddings import learned_words  # noqa: E402
@@ -471,10 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_at_start": list(load),
         "cpus": os.cpu_count(),
     }
-    atomic_write_json(args.results, results)
-    print(f"wrote {args.results} and {figure_path}")
-    if not args.no_blocks and args.results == src.CONTINUAL_JSON:
-        subprocess.run([sys.executable, "docs/build.py", "--blocks"], cwd=REPO, check=True)
+    print(f"writing {args.results} (figure: {figure_path})")
+    src.save_results(args.results, results, src.CONTINUAL_JSON, render_blocks=not args.no_blocks)
     return 0
 
 

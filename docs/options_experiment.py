@@ -34,7 +34,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from docgen import sources as src  # noqa: E402
 
-from lorakit.atomic import atomic_write_json  # noqa: E402
 from lorakit.filenames import EVAL_RESULTS_FILE  # noqa: E402
 from lorakit.paths import EMBEDDED_PIPELINE  # noqa: E402
 from lorakit.summary import read_summary  # noqa: E402
@@ -202,10 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "device": variants[0]["eval"]["settings"]["device"] if variants else None,
         "variants": variants,
     }
-    atomic_write_json(args.results, results)
-    print(f"wrote {args.results}")
-    if not args.no_blocks and args.results == src.OPTIONS_JSON:
-        subprocess.run([sys.executable, "docs/build.py", "--blocks"], cwd=REPO, check=True)
+    print(f"writing {args.results}")
+    src.save_results(args.results, results, src.OPTIONS_JSON, render_blocks=not args.no_blocks)
     return 0
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+from lorakit.atomic import atomic_write_json
 from lorakit.filenames import EVAL_RESULTS_FILE, SUMMARY_FILE
 from lorakit.summary import TrainSummary, read_summary
 
@@ -70,3 +73,11 @@ def dataset_rows(folder: Path) -> int:
 def relative(path: Path) -> str:
     """`path` relative to the repository root, for display."""
     return path.resolve().relative_to(REPO).as_posix()
+
+
+def save_results(path: Path, results: dict, committed: Path, render_blocks: bool = True) -> None:
+    """Write an experiment's result file; when it is the committed one, re-render every page's number blocks
+    from it (`python docs/build.py --blocks`), so the docs never lag behind their source."""
+    atomic_write_json(path, results)
+    if render_blocks and Path(path) == committed:
+        subprocess.run([sys.executable, "docs/build.py", "--blocks"], cwd=REPO, check=True)
