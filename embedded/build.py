@@ -33,7 +33,7 @@ from embedded.dataset import write_imagefolder, write_prompts
 from embedded.measure import judge_accuracy, pipeline_r_precision
 from embedded.models import make_sampler, make_tokenizer, make_train_scheduler, make_unet
 from embedded.readme import render as render_readme
-from embedded.train_clip import refine_judge, train_clip
+from embedded.train_clip import refine_judge, train_clip, vae_round_trip
 from embedded.train_unet import build_cache, train_unet
 from embedded.train_vae import train_vae
 from lorakit.params import count_parameters
@@ -63,6 +63,8 @@ class BuildSizes:
     unet_phrasings: int = 4
     judge_refine_steps: int = 800
     judge_confusable_pool: int = 12000
+    # fresh renders of every concept sent through the VAE for the judge's second stage (train_clip.vae_round_trip)
+    judge_round_trip_pool: int = 14400
     inference_steps: int | None = None  # None: the pipeline's default call settings
     parallel: bool = True  # CLIP and VAE in two processes; the smoke run trains them in-process
     judge_images: int = 720
@@ -82,6 +84,7 @@ SMOKE = BuildSizes(
     unet_phrasings=2,
     judge_refine_steps=3,
     judge_confusable_pool=24,
+    judge_round_trip_pool=24,
     judge_images=72,
     images_per_seed=2,
     seeds=(0,),
@@ -262,6 +265,8 @@ def refine(work: Path, sizes: BuildSizes, seed: int) -> str:
         sizes.judge_refine_steps,
         sizes.clip_pool,
         sizes.judge_confusable_pool,
+        vae_dir=work / "vae",
+        round_trip_size=sizes.judge_round_trip_pool,
         seed=seed,
     )
     return str(result)
@@ -284,6 +289,10 @@ def measure(out: Path, sizes: BuildSizes, seed: int, first_stage_clip: Path) -> 
     pipe.set_progress_bar_config(disable=True)
     fresh = seed + 10_000  # a seed no training set used
     prompts = {name: (out / "prompts" / f"{name}.txt").read_text().splitlines() for name in PROMPT_SETS}
+
+    def round_trip(images: torch.Tensor) -> torch.Tensor:
+        return vae_round_trip(pipe.vae, images)
+
     judge = {
         "all_concepts": judge_accuracy(model, processor, world.all_concepts(), sizes.judge_images, fresh),
         "hard_negatives_blobs": judge_accuracy(
@@ -291,6 +300,13 @@ def measure(out: Path, sizes: BuildSizes, seed: int, first_stage_clip: Path) -> 
         ),
         "adapter_concept": judge_accuracy(
             model, processor, world.adapter_concepts(), sizes.judge_images // 6, fresh + 2
+        ),
+        # fresh renders after a VAE round trip: every generated image leaves through this decoder
+        "all_concepts_round_trip": judge_accuracy(
+            model, processor, world.all_concepts(), sizes.judge_images, fresh + 3, round_trip
+        ),
+        "hard_negatives_blobs_round_trip": judge_accuracy(
+            model, processor, world.distractor_concepts(), sizes.judge_images // 6, fresh + 4, round_trip
         ),
         # the same blobs for the judge before refine_judge: what its second stage is for
         "hard_negatives_blobs_first_stage": judge_accuracy(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
@@ -22,11 +24,23 @@ def candidate_captions() -> list[str]:
 
 
 def judge_accuracy(
-    model: CLIPModel, processor: CLIPProcessor, concepts: list[world.Concept], count: int, seed: int
+    model: CLIPModel,
+    processor: CLIPProcessor,
+    concepts: list[world.Concept],
+    count: int,
+    seed: int,
+    round_trip: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """Top-1 of the judge on freshly rendered images of `concepts`, among all world captions."""
+    """Top-1 of the judge on freshly rendered images of `concepts`, among all world captions.
+
+    `round_trip` maps [-1, 1] images to [-1, 1] images (train_clip.vae_round_trip): the renders as the
+    pipeline's decoder would hand them over.
+    """
     rows = world.sample(concepts, count, seed)
     images = to_uint8([image for image, _, _ in rows])
+    if round_trip is not None:
+        pixels = round_trip(images.float() / 127.5 - 1)
+        images = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     captions = [c.caption() for _, _, c in rows]
     result = clip_r_precision(images, captions, candidate_captions(), model, processor, world.same_meaning)
     return result.top1

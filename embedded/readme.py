@@ -123,7 +123,8 @@ def build_figures(report: dict) -> str:
             "CLIP judge, second stage: vision tower only",
             "(same model)",
             f"{sizes['judge_refine_steps']} steps on the same renders plus {sizes['judge_confusable_pool']:,} fresh "
-            "circles and blobs",
+            f"circles and blobs and {sizes['judge_round_trip_pool']:,} fresh renders of every concept after a VAE "
+            "round trip",
         ],
         ["text encoder (the judge's text tower)", f"{params['text_encoder']:,}", "the judge's first stage"],
         ["VAE", f"{params['vae']:,}", f"{sizes['vae_steps']} steps"],
@@ -155,6 +156,8 @@ def quality_table(report: dict) -> str:
         ),
         ("Judge top-1 on fresh hard negatives (blobs)", judge["hard_negatives_blobs"], JUDGE_BAR),
         ("Judge top-1 on fresh adapter-concept images", judge["adapter_concept"], JUDGE_BAR),
+        ("Judge top-1 on fresh world images after a VAE round trip", judge["all_concepts_round_trip"], JUDGE_BAR),
+        ("Judge top-1 on fresh blobs after a VAE round trip", judge["hard_negatives_blobs_round_trip"], JUDGE_BAR),
     ]
     for name, (label, bar) in BARS.items():
         figure = quality["base_pipeline_r_precision"][name]

@@ -14,8 +14,9 @@ from transformers import CLIPModel, CLIPProcessor
 from embedded import readme, world
 from embedded.build import PROMPT_SETS
 from embedded.build import main as build_main
-from embedded.measure import candidate_captions, to_uint8
-from embedded.train_clip import FORGET_NORM_RATIO, forget_words, refine_judge, train_clip
+from embedded.measure import candidate_captions, judge_accuracy, to_uint8
+from embedded.models import make_vae
+from embedded.train_clip import FORGET_NORM_RATIO, forget_words, refine_judge, train_clip, vae_round_trip
 from lorakit.markdown import block_names, render_blocks
 from lorakit.metrics import clip_r_precision
 from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS
@@ -26,6 +27,11 @@ def committed_pipeline() -> StableDiffusionPipeline:
     pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_PIPELINE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def committed_clip() -> tuple[CLIPModel, CLIPProcessor]:
+    return CLIPModel.from_pretrained(EMBEDDED_CLIP).eval(), CLIPProcessor.from_pretrained(EMBEDDED_CLIP)
 
 
 def test_world_is_deterministic_and_keeps_heldout_out_of_base():
@@ -97,6 +103,7 @@ def test_smoke_rebuild_writes_every_artifact(tmp_path):
     report = json.loads((tmp_path / "build_report.json").read_text())
     assert set(report["quality"]["base_pipeline_r_precision"]) == set(PROMPT_SETS)
     assert 0.0 <= report["quality"]["judge_top1"]["all_concepts"] <= 1.0
+    assert 0.0 <= report["quality"]["judge_top1"]["all_concepts_round_trip"] <= 1.0
     assert "python -m embedded.build" in (tmp_path / "README.md").read_text()
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert isinstance(pipe, StableDiffusionPipeline)
@@ -123,6 +130,41 @@ def test_refining_the_judge_trains_its_vision_tower_only(tmp_path):
     assert same_weights(first.text_projection, refined.text_projection)
     assert torch.equal(first.logit_scale, refined.logit_scale)
     assert not same_weights(first.vision_model, refined.vision_model)
+
+
+def test_vae_round_trip_hands_back_8_bit_images_of_the_same_shape():
+    vae = make_vae(seed=0).eval()
+    images = torch.from_numpy(world.to_array([im for im, _, _ in world.sample(world.base_concepts(), 5, seed=3)]))
+    decoded = vae_round_trip(vae, images, chunk=2)
+    assert decoded.shape == images.shape
+    assert decoded.min() >= -1 and decoded.max() <= 1
+    levels = (decoded + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-4)  # what a saved PNG holds
+    assert not torch.equal(decoded, images)  # an untrained VAE does not hand the renders back
+
+
+@pytest.mark.slow
+def test_refining_the_judge_with_a_vae_adds_decoded_renders(tmp_path):
+    train_clip(tmp_path / "clip", steps=2, pool_size=144)
+    make_vae(seed=0).save_pretrained(tmp_path / "vae")
+    log = refine_judge(
+        tmp_path / "clip",
+        tmp_path / "judge",
+        steps=2,
+        pool_size=144,
+        confusable_size=24,
+        vae_dir=tmp_path / "vae",
+        round_trip_size=36,
+    )
+    assert log["pool_size"] == 144 + 24 + 36
+
+
+def test_judge_accuracy_reads_images_after_the_round_trip(committed_clip):
+    model, processor = committed_clip
+    concepts = world.base_concepts()
+    plain = judge_accuracy(model, processor, concepts, 72, seed=5)
+    assert judge_accuracy(model, processor, concepts, 72, seed=5, round_trip=lambda x: x) == plain
+    assert judge_accuracy(model, processor, concepts, 72, seed=5, round_trip=torch.zeros_like) < plain
 
 
 def test_committed_pipeline_is_stock_and_consistent(committed_pipeline):
