@@ -286,7 +286,7 @@ def probe_timings(cfg: TrainConfig) -> tuple[ProbeTimings, str]:
     kept = probe_cache.load_timings(key)
     if kept is not None:
         timings = ProbeTimings(tuple(kept["fp32_seconds"]), tuple(kept["bf16_seconds"]), kept.get("cost_seconds", 0))
-        where = probe_cache.cache_path()
+        where = probe_cache.shown_cache_path()
         return timings, f"; timings measured {kept['measured']}, kept in {where} (delete it to measure again)"
     timings = probe_unet_step(cfg)
     if timings.spread <= MAX_PASS_SPREAD:

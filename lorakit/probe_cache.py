@@ -37,6 +37,16 @@ def cache_path() -> Path:
     return Path(base) / "lorakit" / CACHE_FILE
 
 
+def shown_cache_path() -> str:
+    """`cache_path()` with the home folder written as `~`: the note that names it lands in model cards and run
+    summaries, which get pushed and shared, and a user's home folder holds their user name."""
+    path = cache_path()
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU's model name (/proc/cpuinfo where there is one, else what Python's platform module says)."""
     if cpuinfo.is_file():

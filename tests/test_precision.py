@@ -267,7 +267,7 @@ def test_probe_timings_are_kept_per_machine_and_step_shape(monkeypatch, tiny_pip
     again = precision.resolve_auto(parse_args(flags), torch.device("cpu"))
     assert len(probes) == 1 and first.mixed_precision == again.mixed_precision == "bf16"
     assert first.reason == decide_precision(CPU_BF16, FASTER_BF16).reason
-    assert again.reason.startswith(first.reason) and f"kept in {probe_cache.cache_path()}" in again.reason
+    assert again.reason.startswith(first.reason) and f"kept in {probe_cache.shown_cache_path()}" in again.reason
     precision.resolve_auto(parse_args([*flags, "--train_batch_size", "3"]), torch.device("cpu"))
     assert len(probes) == 2  # another micro-batch is another measurement
     probe_cache.cache_path().write_text("{not json")  # damaged by hand: measured again, not a crash
@@ -284,3 +284,15 @@ def test_a_disturbed_probe_is_not_kept(monkeypatch, tiny_pipeline_dir, tiny_data
     for _ in range(2):
         assert precision.resolve_auto(cfg, torch.device("cpu")).mixed_precision == "no"
     assert len(probes) == 2
+
+
+def test_the_note_on_kept_timings_names_the_home_folder_as_tilde(monkeypatch, tmp_path):
+    from lorakit import probe_cache
+
+    monkeypatch.setenv("HOME", str(tmp_path / "ada"))
+    monkeypatch.delenv(probe_cache.CACHE_DIR_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    # the note lands in cards that get pushed: no user name in it
+    assert probe_cache.shown_cache_path() == "~/.cache/lorakit/precision_probe.json"
+    monkeypatch.setenv(probe_cache.CACHE_DIR_ENV, str(tmp_path / "elsewhere"))
+    assert probe_cache.shown_cache_path() == str(tmp_path / "elsewhere" / "precision_probe.json")
