@@ -65,7 +65,9 @@ class BuildSizes:
     judge_confusable_pool: int = 12000
     # fresh renders of every concept sent through the VAE for the judge's second stage (train_clip.vae_round_trip)
     judge_round_trip_pool: int = 14400
-    inference_steps: int | None = None  # None: the pipeline's default call settings
+    # the project's standard call (eval, validation, the model card's snippet): the build's check and the eval
+    # report then read the same call; a stock pipe(prompt) takes 50 steps
+    inference_steps: int = 25
     parallel: bool = True  # CLIP and VAE in two processes; the smoke run trains them in-process
     judge_images: int = 720
     images_per_seed: int = 48
@@ -333,9 +335,19 @@ def measure(out: Path, sizes: BuildSizes, seed: int, first_stage_clip: Path) -> 
     }
 
 
-def du_bytes(folder: Path) -> int:
-    """Disk usage of a folder in bytes, counted in 4 KiB blocks as `du` does."""
-    return sum(-(-p.stat().st_size // 4096) * 4096 for p in folder.rglob("*") if p.is_file())
+def artifact_files(out: Path) -> list[Path]:
+    """Every file the build leaves for users (not `_work`, the code or the demo adapter): what a clone carries."""
+    return [p for name in ARTIFACT_DIRS if name != "_work" for p in (out / name).rglob("*") if p.is_file()]
+
+
+def apparent_bytes(files: list[Path]) -> int:
+    """The files' sizes added up: what a download of them weighs."""
+    return sum(p.stat().st_size for p in files)
+
+
+def du_bytes(files: list[Path]) -> int:
+    """Disk usage of the files in bytes, counted in 4 KiB blocks as `du` does (many small PNGs round up)."""
+    return sum(-(-p.stat().st_size // 4096) * 4096 for p in files)
 
 
 def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_COMMAND) -> dict:
@@ -363,7 +375,9 @@ def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_CO
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     report["build_cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in usage)
     shutil.rmtree(work)
-    report["artifact_bytes_du"] = du_bytes(out)
+    files = artifact_files(out)
+    report["artifact_bytes"] = apparent_bytes(files)
+    report["artifact_bytes_du"] = du_bytes(files)
     (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     render_readme(out)
     return report

@@ -140,7 +140,8 @@ def build_figures(report: dict) -> str:
         f"config). Build time: {report['build_seconds'] / 60:.1f} min wall ({report['train_seconds'] / 60:.1f} min "
         f"training; {report['build_cpu_seconds'] / 60:.1f} CPU-minutes) on 2 CPU cores"
         + (", resumed (`--resume`) after stage-1 CLIP and VAE of an interrupted run" if resumed else "")
-        + f"; artifacts {report['artifact_bytes_du'] / 2**20:.1f} MB on disk (du). Source: `build_report.json`."
+        + f"; artifacts {report['artifact_bytes'] / 1e6:.1f} MB in files ({report['artifact_bytes_du'] / 1e6:.1f} MB "
+        "on disk in 4 KiB blocks, as `du` counts; MB = 10^6 bytes). Source: `build_report.json`."
     )
 
 
@@ -169,9 +170,9 @@ def quality_table(report: dict) -> str:
     return markdown_table(["Figure", "Value", "Bar", "Met"], cells) + (
         "\n\nR-precision: the share of generated images for which the judge (`clip/`) ranks first, among all world "
         "captions, one that shows what the image's prompt says (colour and shape, and the background where the "
-        "prompt names one), with the pipeline at its default call settings (DPM-Solver, 50 steps, guidance 7.5), "
-        "sampling "
-        f"seeds {', '.join(map(str, report['sizes']['seeds']))}."
+        "prompt names one), with the pipeline called as the eval report, validation and the model card's snippet "
+        f"call it (DPM-Solver, {report['sizes']['inference_steps']} steps, guidance 7.5), sampling seeds "
+        f"{', '.join(map(str, report['sizes']['seeds']))}."
     )
 
 

@@ -12,11 +12,12 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiff
 from transformers import CLIPModel, CLIPProcessor
 
 from embedded import readme, world
-from embedded.build import PROMPT_SETS
+from embedded.build import PROMPT_SETS, BuildSizes, apparent_bytes, artifact_files, du_bytes
 from embedded.build import main as build_main
 from embedded.measure import candidate_captions, judge_accuracy, to_uint8
 from embedded.models import make_vae
 from embedded.train_clip import FORGET_NORM_RATIO, forget_words, refine_judge, train_clip, vae_round_trip
+from eval.generate import GenerationSettings
 from lorakit.markdown import block_names, render_blocks
 from lorakit.metrics import clip_r_precision
 from lorakit.paths import EMBEDDED_ADAPTER_DATA, EMBEDDED_BASE_DATA, EMBEDDED_CLIP, EMBEDDED_PIPELINE, EMBEDDED_PROMPTS
@@ -112,6 +113,24 @@ def test_smoke_rebuild_writes_every_artifact(tmp_path):
     assert (tmp_path / "prompts" / "heldout.txt").read_text().splitlines()
     assert not (tmp_path / "_work").exists()
     assert "judge_refine_log" in report
+    # sizes count the artifacts a clone carries, not code beside them
+    (tmp_path / "unrelated.bin").write_bytes(b"x" * 100_000)
+    files = artifact_files(tmp_path)
+    assert apparent_bytes(files) == report["artifact_bytes"] < report["artifact_bytes_du"]
+    assert all("_work" not in p.parts and p.name != "unrelated.bin" for p in files)
+
+
+def test_build_check_calls_the_pipeline_as_the_eval_report_does():
+    # the README's build check and the eval report's figures must measure the same call
+    assert BuildSizes().inference_steps == GenerationSettings().num_inference_steps
+
+
+def test_du_rounds_every_file_up_to_whole_blocks(tmp_path):
+    (tmp_path / "small.txt").write_bytes(b"x")
+    (tmp_path / "block.bin").write_bytes(b"x" * 4097)
+    files = sorted(tmp_path.iterdir())
+    assert apparent_bytes(files) == 4098
+    assert du_bytes(files) == 3 * 4096
 
 
 def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
