@@ -50,6 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from lorakit.atomic import atomic_write_bytes
+from lorakit.canonical_safetensors import canonical_safetensors
 from lorakit.filenames import (
     ADAPTER_FILE,
     KOHYA_EMBEDDINGS_DIR,
@@ -372,7 +373,7 @@ def export_kohya(output_dir: str | os.PathLike, captions: Iterable[Any] | None =
     )
     tensors = {key: value.contiguous() for key, value in kohya_state.items()} | bundled_embeddings(learned)
     kohya_path = output_dir / KOHYA_FILE
-    atomic_write_bytes(kohya_path, save(tensors, metadata=metadata))
+    atomic_write_bytes(kohya_path, canonical_safetensors(save(tensors, metadata=metadata)))
     write_embedding_files(output_dir, learned)
     logger.info(
         "Wrote kohya-format adapter %s (%d tensors, alpha %g, learned words: %s)",

@@ -11,6 +11,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
+from lorakit.canonical_safetensors import canonicalize_file
 from lorakit.filenames import ADAPTER_FILE
 
 # DoRA training arrived in peft 0.9; diffusers loads a UNet's DoRA magnitudes with `load_lora_weights` from 0.28.
@@ -61,8 +62,14 @@ def lora_state_dicts(
 
 
 def adapter_metadata(module: torch.nn.Module, adapter_name: str = "default") -> dict:
-    """The peft LoraConfig of `module` as a plain dict (rank, alpha, targets), for the adapter file."""
-    return module.peft_config[adapter_name].to_dict()
+    """The peft LoraConfig of `module` as a plain dict (rank, alpha, targets), for the adapter file.
+
+    peft keeps `target_modules` as a set, whose order follows Python's per-process string hashing
+    (PYTHONHASHSEED); written as is, the same weights would give a different file, and a new Hub upload, each run.
+    Sets are written sorted.
+    """
+    config = module.peft_config[adapter_name].to_dict()
+    return {key: sorted(value) if isinstance(value, set) else value for key, value in config.items()}
 
 
 def save_adapter(
@@ -80,7 +87,9 @@ def save_adapter(
         weight_name=ADAPTER_FILE,
         safe_serialization=True,
     )
-    return Path(save_directory) / ADAPTER_FILE
+    path = Path(save_directory) / ADAPTER_FILE
+    canonicalize_file(path)  # sorted metadata keys: the same weights give the same bytes (see the module)
+    return path
 
 
 def check_dora_loadable(train_text_encoder: bool) -> None:
