@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import datasets
 import numpy as np
@@ -121,8 +122,12 @@ def test_smoke_rebuild_writes_every_artifact(tmp_path):
 
 
 def test_build_check_calls_the_pipeline_as_the_eval_report_does():
-    # the README's build check and the eval report's figures must measure the same call
+    # the README's build check and the eval report's figures must measure the same call on the same seeds
+    from docs.docgen.sources import EVAL_COMMAND
+
     assert BuildSizes().inference_steps == GenerationSettings().num_inference_steps
+    eval_seeds = re.search(r"--seeds ([\d ]+)", EVAL_COMMAND).group(1).split()
+    assert BuildSizes().seeds == tuple(map(int, eval_seeds))
 
 
 def test_du_rounds_every_file_up_to_whole_blocks(tmp_path):
