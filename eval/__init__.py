@@ -1,3 +1,3 @@
 """Evaluation of a LoRA adapter against its base: CLIP score, CLIP R-precision, parameter counts, speed."""
 
-import lorakit  # noqa: E402, F401  (filters two third-party import warnings before eval's modules import diffusers)
+import lorakit  # noqa: F401  (filters two third-party import warnings before eval imports diffusers)
