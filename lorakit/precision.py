@@ -289,8 +289,9 @@ def probe_timings(cfg: TrainConfig) -> tuple[ProbeTimings, str]:
         where = probe_cache.shown_cache_path()
         return timings, f"; timings measured {kept['measured']}, kept in {where} (delete it to measure again)"
     timings = probe_unet_step(cfg)
-    if timings.spread <= MAX_PASS_SPREAD:
-        probe_cache.store_timings(key, timings.fp32_seconds, timings.bf16_seconds, timings.cost_seconds)
+    if timings.spread > MAX_PASS_SPREAD:  # a busy machine: say so, or the user expects the next run to skip the probe
+        return timings, f"; not kept for later runs (passes varied {timings.spread:.1f}x)"
+    probe_cache.store_timings(key, timings.fp32_seconds, timings.bf16_seconds, timings.cost_seconds)
     return timings, ""
 
 

@@ -282,8 +282,24 @@ def test_a_disturbed_probe_is_not_kept(monkeypatch, tiny_pipeline_dir, tiny_data
     monkeypatch.setattr(precision, "probe_unet_step", lambda cfg: probes.append(cfg) or busy)
     cfg = parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "--mixed_precision", "auto"))
     for _ in range(2):
-        assert precision.resolve_auto(cfg, torch.device("cpu")).mixed_precision == "no"
+        choice = precision.resolve_auto(cfg, torch.device("cpu"))
+        assert choice.mixed_precision == "no" and choice.reason.endswith(
+            "; not kept for later runs (passes varied 4.5x)"
+        )
     assert len(probes) == 2
+
+
+def test_a_disturbed_probe_that_finds_bf16_slower_says_it_is_not_kept(
+    monkeypatch, tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    # bf16 slower decides alone, so the decision does not mention the spread; the note must
+    busy = ProbeTimings((0.05, 0.2), (0.1, 0.11))
+    monkeypatch.setattr(precision, "device_facts", lambda device: CPU_BF16)
+    monkeypatch.setattr(precision, "probe_unet_step", lambda cfg: busy)
+    cfg = parse_args(tiny_train_args(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "--mixed_precision", "auto"))
+    reason = precision.resolve_auto(cfg, torch.device("cpu")).reason
+    assert "varied" not in decide_precision(CPU_BF16, busy).reason
+    assert "not kept for later runs (passes varied 4.0x)" in reason
 
 
 def test_the_note_on_kept_timings_names_the_home_folder_as_tilde(monkeypatch, tmp_path):
