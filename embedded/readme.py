@@ -110,6 +110,16 @@ def known_gap(report: dict) -> str:
     )
 
 
+def tempering(unet: dict) -> str:
+    """How the UNet's guidance was tempered, for its row of the build table (older reports have none)."""
+    if not unet.get("temper_share"):
+        return ""
+    return (
+        f"; guidance tempering from step {unet['temper_from_step']}: {unet['temper_share']:.0%} of captioned "
+        "samples learn the unconditional prediction"
+    )
+
+
 def build_figures(report: dict) -> str:
     """Parameters and training of each part, the measured VAE scaling, build time and size."""
     params, sizes, unet = report["params"], report["sizes"], report["unet"]
@@ -128,7 +138,7 @@ def build_figures(report: dict) -> str:
         ],
         ["text encoder (the judge's text tower)", f"{params['text_encoder']:,}", "the judge's first stage"],
         ["VAE", f"{params['vae']:,}", f"{sizes['vae_steps']} steps"],
-        ["UNet", f"{params['unet']:,}", f"{unet['steps']} steps of batch {unet['batch_size']}"],
+        ["UNet", f"{params['unet']:,}", f"{unet['steps']} steps of batch {unet['batch_size']}" + tempering(unet)],
     ]
     judge = report["quality"]["judge_top1"]
     resumed = "resumed" in str(report["clip_vae_logs"])

@@ -2,6 +2,10 @@
 
 Latents and text are encoded once (the VAE and the text tower are frozen), so each step costs only the
 UNet. Captions are dropped 10% of the time (replaced by the empty prompt) so classifier-free guidance works.
+
+In the second half of training, half of the captioned samples learn the model's own unconditional prediction
+instead of the noise (guidance tempering, below), so the stock guidance scale of 7.5 does not overshoot this
+narrow world.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +25,16 @@ from lorakit import training
 
 CAPTION_DROPOUT = 0.1
 MIN_SNR_GAMMA = 5.0  # min-SNR loss weighting (Hang et al., arXiv 2303.09556): faster, steadier convergence
+# Guidance tempering. A caption here fixes colour, shape and background, so the conditional and unconditional
+# predictions differ far more than in a photo model, and diffusers' default guidance 7.5 overshoots: shapes swell
+# and fill with a complementary tint (docs/notes/2026-12-embedded-experiments.md); guidance 3 to 5 draws them well.
+# A captioned sample whose target is the model's own unconditional prediction (stop-gradient, as in model-guidance,
+# Tang et al., arXiv 2502.12154, and guidance-free training, Chen et al., arXiv 2501.15420) pulls the conditional
+# prediction towards it: with a share s of such samples, eps_c -> eps_u + (1 - s)(eps_c - eps_u), so guidance w
+# acts like w(1 - s) on an untempered model: 7.5 like 3.75. The price: guidance 1 draws under-conditioned images.
+TEMPER_SHARE = 0.5
+# tempering starts after this share of the steps: before it the unconditional prediction is no teacher yet
+TEMPER_FROM = 0.5
 
 
 @dataclass
@@ -65,14 +80,34 @@ def build_cache(
     return LatentCache(mean, std, caption_index, encode_text(distinct, tokenizer, text_encoder), scaling_factor)
 
 
+def tempered_targets(
+    noise: torch.Tensor, unconditional: Callable[[torch.Tensor], torch.Tensor], temper: torch.Tensor
+) -> torch.Tensor:
+    """The noise, except for the rows in `temper`, which get `unconditional(rows)` (no gradient).
+
+    `unconditional` maps row indices to the model's unconditional prediction on those rows' noisy latents.
+    """
+    if not temper.any():
+        return noise
+    rows = temper.nonzero().squeeze(1)
+    targets = noise.clone()
+    with torch.no_grad():
+        targets[rows] = unconditional(rows).to(noise.dtype)
+    return targets
+
+
 def diffusion_loss(
     unet: UNet2DConditionModel,
     scheduler: DDPMScheduler,
     cache: LatentCache,
     batch: torch.Tensor,
     generator: torch.Generator,
+    temper_share: float = 0.0,
 ) -> torch.Tensor:
-    """Epsilon-prediction loss on a batch of cached rows, with caption dropout."""
+    """Epsilon-prediction loss on a batch of cached rows, with caption dropout and guidance tempering.
+
+    A share `temper_share` of the captioned rows learns the unconditional prediction instead of the noise.
+    """
     latents = cache.mean[batch] + cache.std[batch] * torch.randn(cache.mean[batch].shape, generator=generator)
     latents = latents * cache.scaling_factor
     drop = torch.rand(len(batch), generator=generator) < CAPTION_DROPOUT
@@ -80,8 +115,15 @@ def diffusion_loss(
     text = cache.text_states[torch.where(drop, 0, cache.caption_index[batch, phrasing])]
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (len(batch),), generator=generator)
-    prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, text).sample
-    return training.diffusion_loss(prediction, noise, timesteps, scheduler, snr_gamma=MIN_SNR_GAMMA)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    temper = ~drop & (torch.rand(len(batch), generator=generator) < temper_share)
+
+    def unconditional(rows: torch.Tensor) -> torch.Tensor:
+        return unet(noisy[rows], timesteps[rows], cache.text_states[0].expand(len(rows), -1, -1)).sample
+
+    target = tempered_targets(noise, unconditional, temper)
+    prediction = unet(noisy, timesteps, text).sample
+    return training.diffusion_loss(prediction, target, timesteps, scheduler, snr_gamma=MIN_SNR_GAMMA)
 
 
 @torch.no_grad()
@@ -112,7 +154,8 @@ def train_unet(
     losses = []
     for step in range(steps):
         batch = torch.randint(len(cache.mean), (batch_size,), generator=generator)
-        loss = diffusion_loss(unet, scheduler, cache, batch, generator)
+        temper_share = TEMPER_SHARE if step >= TEMPER_FROM * steps else 0.0
+        loss = diffusion_loss(unet, scheduler, cache, batch, generator, temper_share)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -131,5 +174,7 @@ def train_unet(
         "steps": steps,
         "batch_size": batch_size,
         "final_loss": sum(tail) / len(tail),
+        "temper_share": TEMPER_SHARE,
+        "temper_from_step": math.ceil(TEMPER_FROM * steps),
         "seconds": time.time() - start,
     }
