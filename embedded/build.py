@@ -58,7 +58,7 @@ class BuildSizes:
     # judged by one refined judge, base prompts went 0.882 -> 0.944, held-out 0.708 -> 0.868 (144 images each).
     # With grammar captions 2700 steps were too few: base 0.903, held-out combinations 0.674 (720 s of UNet).
     # 3600 rather than 3800 since guidance tempering (train_unet.TEMPER_SHARE) adds an unconditional forward pass to
-    # half of the later steps' captioned rows: about 90 s, which the 30-minute build budget could not carry on top.
+    # half of the later steps' captioned rows: about 100 s, which the 30-minute build budget could not carry on top.
     unet_steps: int = 3600
     unet_batch: int = 64
     # each base image is trained with its dataset caption and this many more grammar phrasings of its concept
