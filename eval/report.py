@@ -27,6 +27,26 @@ PARAMETER_ROWS = (
 )
 
 
+def seed_table(results: dict) -> str:
+    """R-precision@1 of each prompt set per seed, base -> LoRA, with a line on why it is worth reading ("" for one
+    seed or results written before the per-seed rates existed)."""
+    sets = [row for row in results["prompt_sets"] if "r_precision_top1_by_seed" in row["base"]]
+    seeds = list(sets[0]["base"]["r_precision_top1_by_seed"]) if sets else []
+    if len(seeds) < 2:
+        return ""
+    rows = []
+    for row in sets:
+        base, adapter = row["base"]["r_precision_top1_by_seed"], row["adapter"]["r_precision_top1_by_seed"]
+        rows.append([row["name"], *(f"{base[seed]:.2f} → {adapter[seed]:.2f}" for seed in seeds)])
+    header = ["prompt set", *(f"seed {seed}" for seed in seeds)]
+    table = md.markdown_table(header, rows, align=["---", *["---:"] * len(seeds)])
+    note = (
+        "R-precision@1 per seed (base → base + LoRA). Every prompt of a seed starts from the same noise, so one "
+        "seed's draw moves a whole column, and the pooled figures above are the mean of the columns."
+    )
+    return f"{note}\n\n{table}"
+
+
 def markdown_table(results: dict) -> str:
     """The results as Markdown: one row per prompt set, base and adapter side by side, then sizes and speed."""
     header = [
@@ -64,8 +84,10 @@ def markdown_table(results: dict) -> str:
     )
     scores = md.markdown_table(header, rows, align=["---", *["---:"] * (len(header) - 1)])
     parameters = md.markdown_table(["component", "parameters"], sizes, align=["---", "---:"])
+    per_seed = seed_table(results)
+    per_seed = f"{per_seed}\n\n" if per_seed else ""
     confusion = f"{confusion_markdown(results['colour_confusion'])}\n\n" if "colour_confusion" in results else ""
-    return f"{intro}\n\n{scores}\n\n{confusion}{parameters}\n\n{speed}\n"
+    return f"{intro}\n\n{scores}\n\n{per_seed}{confusion}{parameters}\n\n{speed}\n"
 
 
 def _label(text: str, width: int, height: int = 14) -> Image.Image:

@@ -16,7 +16,7 @@ from eval.models import adapter_state_dict, attach_adapter, check_adapter_fits, 
 from eval.prompts import PromptSet, candidate_prompts, load_prompt_sets
 from eval.report import comparison_grid, markdown_table, write_report
 from lorakit.filenames import ADAPTER_FILE
-from lorakit.metrics import clip_r_precision, clip_score
+from lorakit.metrics import clip_r_precision, clip_score, top1_by_seed
 from lorakit.params import pipeline_parameter_counts
 from lorakit.paths import shown_path
 
@@ -67,16 +67,20 @@ def lora_values(state_dict: dict[str, torch.Tensor], prefix: str = "") -> int:
 def score_set(
     images: torch.Tensor,
     prompts: tuple[str, ...],
+    seeds: tuple[int, ...],
     candidates: list[str],
     clip: tuple,
     same_meaning: Callable[[str, str], bool] | None = None,
 ) -> dict:
-    """CLIP score and R-precision of one prompt set's images, and the caption the judge ranked first for each."""
+    """CLIP score and R-precision of one prompt set's images (also per seed), and what the judge ranked first."""
     model, processor = clip
     ranking = clip_r_precision(images, list(prompts), candidates, model, processor, same_meaning)
+    by_seed = top1_by_seed(ranking.ranks, seeds)
     return {
         "clip_score": clip_score(images, list(prompts), model, processor),
         "r_precision_top1": ranking.top1,
+        # JSON keys are strings: {"0": 0.95, "1": 0.93, ...}
+        "r_precision_top1_by_seed": {str(seed): rate for seed, rate in by_seed.items()},
         "mean_rank": ranking.mean_rank,
         "judged": list(ranking.best_texts),
     }
@@ -103,7 +107,7 @@ def score_prompt_sets(
     """One report row per prompt set: CLIP score and R-precision of base and adapter images."""
     rows = []
     for prompt_set, where in zip(prompt_sets, _slices(prompt_sets, len(set(base.seeds))), strict=True):
-        set_prompts = base.prompts[where]
+        set_prompts, set_seeds = base.prompts[where], base.seeds[where]
         rows.append(
             {
                 "name": prompt_set.name,
@@ -111,8 +115,8 @@ def score_prompt_sets(
                 "num_prompts": len(prompt_set.prompts),
                 "num_images": len(set_prompts),
                 "prompts": list(set_prompts),
-                "base": score_set(base.images[where], set_prompts, candidates, clip, same_meaning),
-                "adapter": score_set(adapted.images[where], set_prompts, candidates, clip, same_meaning),
+                "base": score_set(base.images[where], set_prompts, set_seeds, candidates, clip, same_meaning),
+                "adapter": score_set(adapted.images[where], set_prompts, set_seeds, candidates, clip, same_meaning),
             }
         )
     return rows

@@ -165,6 +165,21 @@ def r_precision_relevant(similarity: torch.Tensor, relevant: torch.Tensor) -> RP
     )
 
 
+def top1_by_seed(ranks: Sequence[int], seeds: Sequence[int]) -> dict[int, float]:
+    """Top-1 rate among the images of each seed, in the order the seeds first appear.
+
+    An evaluation that starts every prompt of a seed from the same noise draws its images in correlated groups:
+    one unlucky starting noise can fail many prompts at once. The spread across seeds shows how far a figure
+    from a few seeds can move, which a single pooled rate hides.
+    """
+    if len(ranks) != len(seeds):
+        raise ValueError(f"{len(ranks)} ranks but {len(seeds)} seeds: one seed per image")
+    hits: dict[int, list[bool]] = {}
+    for rank, seed in zip(ranks, seeds, strict=True):
+        hits.setdefault(int(seed), []).append(rank == 1)
+    return {seed: sum(found) / len(found) for seed, found in hits.items()}
+
+
 def clip_r_precision(
     images: torch.Tensor,
     prompts: Sequence[str],

@@ -365,7 +365,14 @@ def test_evaluate_writes_report_and_updates_card(
     assert results["candidates_file"] == "candidates.txt"  # no machine path in a report
     out = tmp_path / "out"
     assert json.loads((out / "eval_results.json").read_text()) == json.loads(json.dumps(results))
-    assert "| base | 2 | 4 |" in (out / "eval_results.md").read_text()
+    report = (out / "eval_results.md").read_text()
+    assert "| base | 2 | 4 |" in report
+    assert "| prompt set | seed 0 | seed 1 |" in report  # two seeds: the per-seed table is there
+    for row in results["prompt_sets"]:  # equal images per seed, so the pooled rate is the mean of the seeds'
+        for side in ("base", "adapter"):
+            by_seed = row[side]["r_precision_top1_by_seed"]
+            assert list(by_seed) == ["0", "1"]
+            assert sum(by_seed.values()) / 2 == pytest.approx(row[side]["r_precision_top1"])
     with Image.open(out / "comparison_grid.png") as grid:
         assert grid.height > 3 * 128 and grid.width > 2 * 128  # three prompt rows, two columns
 
@@ -525,6 +532,10 @@ def test_world_prompts_are_judged_by_meaning_with_a_colour_confusion_table(
     # R-precision by meaning, recomputed from the judged captions: "red circle" is met by either background
     hits = [same_meaning(prompt, best) for prompt, best in zip(row["prompts"], judged, strict=True)]
     assert row["base"]["r_precision_top1"] == pytest.approx(sum(hits) / len(hits))
+    # per seed, from the same verdicts: images run prompt-major, seed-minor (seeds 0, 1, 0, 1)
+    assert row["base"]["r_precision_top1_by_seed"] == pytest.approx(
+        {"0": sum(hits[0::2]) / 2, "1": sum(hits[1::2]) / 2}
+    )
     confusion = results["colour_confusion"]
     assert confusion["images"] == {"blue": 2, "red": 2}
     for side in ("base", "adapter"):
@@ -534,6 +545,31 @@ def test_world_prompts_are_judged_by_meaning_with_a_colour_confusion_table(
     )
     assert confusion["base"]["red"].get("red", 0.0) == pytest.approx(expected_red / 2)
     assert "Colour the judge sees" in (tmp_path / "out" / "eval_results.md").read_text()
+
+
+def test_top1_by_seed_groups_images_by_their_seed():
+    from lorakit.metrics import top1_by_seed
+
+    # seed 3 misses twice (an unlucky shared noise), seed 0 once
+    ranks, seeds = [1, 2, 1, 5, 1, 1, 4, 1], [3, 3, 0, 3, 0, 3, 0, 0]
+    assert top1_by_seed(ranks, seeds) == {3: 0.5, 0: 0.75}
+    assert list(top1_by_seed(ranks, seeds)) == [3, 0]  # the order the seeds first appear
+    with pytest.raises(ValueError, match="one seed per image"):
+        top1_by_seed(ranks, seeds[:-1])
+
+
+def test_report_skips_the_seed_table_for_one_seed():
+    from eval.report import seed_table
+
+    row = {
+        "name": "base",
+        "base": {"r_precision_top1_by_seed": {"0": 1.0}},
+        "adapter": {"r_precision_top1_by_seed": {"0": 0.5}},
+    }
+    assert seed_table({"prompt_sets": [row]}) == ""
+    row["base"]["r_precision_top1_by_seed"]["1"] = 0.25
+    row["adapter"]["r_precision_top1_by_seed"]["1"] = 0.75
+    assert "| base | 1.00 → 0.50 | 0.25 → 0.75 |" in seed_table({"prompt_sets": [row]})
 
 
 def test_r_precision_with_several_right_candidates_ranks_the_best_of_them():

@@ -60,6 +60,13 @@ def _table(header: list[str], rows: list[list[str]], align: list[str] | None = N
 # --- evaluation -------------------------------------------------------------------------------------------
 
 
+def _rate_with_seed_range(scores: dict) -> str:
+    """Like "0.93 (0.81-0.98)": the pooled R-precision, then its lowest and highest seed when there are several."""
+    by_seed = list(scores.get("r_precision_top1_by_seed", {}).values())
+    spread = f" ({min(by_seed):.2f}–{max(by_seed):.2f})" if len(by_seed) > 1 else ""
+    return f"{scores['r_precision_top1']:.2f}{spread}"
+
+
 def eval_table() -> str:
     """Base against base + demo adapter, per prompt set (README, how-it-works)."""
     results = src.read_json(src.EVAL_JSON)
@@ -72,8 +79,8 @@ def eval_table() -> str:
             [
                 SET_LABELS.get(row["name"], row["name"]),
                 str(row["num_images"]),
-                f"{base['r_precision_top1']:.2f}",
-                f"{lora['r_precision_top1']:.2f}",
+                _rate_with_seed_range(base),
+                _rate_with_seed_range(lora),
                 f"{base['clip_score']:.1f}",
                 f"{lora['clip_score']:.1f}",
             ]
@@ -89,7 +96,9 @@ def eval_table() -> str:
         "and shape); "
         f"{settings['num_inference_steps']} sampler steps ({settings['scheduler']}), guidance "
         f"{settings['guidance_scale']}, seeds {', '.join(map(str, settings['seeds']))}, "
-        f"{settings['height']}x{settings['width']} px; adapter `{results['lora']}`. Source: "
+        f"{settings['height']}x{settings['width']} px; adapter `{results['lora']}`. In brackets, R-precision of "
+        "the lowest and the highest seed: every prompt of a seed starts from the same noise, so one seed's draw "
+        "moves all its prompts together. Source: "
         f"`docs/results/eval/eval_results.json`, written by `{results['source']}`."
     )
 
