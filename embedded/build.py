@@ -38,6 +38,7 @@ from embedded.train_unet import build_cache, train_unet
 from embedded.train_vae import train_vae
 from lorakit.params import count_parameters
 from lorakit.paths import EMBEDDED_DIR
+from lorakit.probe_cache import cpu_model
 
 REBUILD_COMMAND = "python -m embedded.build"
 UNET_PHRASING_SEED_OFFSET = 5
@@ -374,6 +375,9 @@ def build(out: Path, sizes: BuildSizes, seed: int = 0, command: str = REBUILD_CO
     log("measured", start)
     report["params"] = report["quality"].pop("params")
     report["build_seconds"] = time.time() - start
+    # near-identical builds took 28.8 min on one cloud machine's two cores and 62.5 min on an AMD EPYC's two
+    # (docs/notes/2026-12-embedded-experiments.md): a build time means little without the CPU that measured it
+    report["cpu"] = cpu_model()
     # CPU seconds of this process and its children: a figure that does not depend on how busy the machine was
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     report["build_cpu_seconds"] = sum(u.ru_utime + u.ru_stime for u in usage)

@@ -149,6 +149,7 @@ def build_figures(report: dict) -> str:
         f"VAE `scaling_factor` = 1/std of the base latents = {unet['scaling_factor']:.4f} (measured, stored in the "
         f"config). Build time: {report['build_seconds'] / 60:.1f} min wall ({report['train_seconds'] / 60:.1f} min "
         f"training; {report['build_cpu_seconds'] / 60:.1f} CPU-minutes) on 2 CPU cores"
+        + (f" ({report['cpu']})" if report.get("cpu") else "")
         + (", resumed (`--resume`) after stage-1 CLIP and VAE of an interrupted run" if resumed else "")
         + f"; artifacts {report['artifact_bytes'] / 1e6:.1f} MB in files ({report['artifact_bytes_du'] / 1e6:.1f} MB "
         "on disk in 4 KiB blocks, as `du` counts; MB = 10^6 bytes). Source: `build_report.json`."

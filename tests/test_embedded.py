@@ -107,6 +107,7 @@ def test_smoke_rebuild_writes_every_artifact(tmp_path):
     assert 0.0 <= report["quality"]["judge_top1"]["all_concepts"] <= 1.0
     assert 0.0 <= report["quality"]["judge_top1"]["all_concepts_round_trip"] <= 1.0
     assert "python -m embedded.build" in (tmp_path / "README.md").read_text()
+    assert report["cpu"] and f"on 2 CPU cores ({report['cpu']})" in (tmp_path / "README.md").read_text()
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipeline")
     assert isinstance(pipe, StableDiffusionPipeline)
     assert pipe.vae.config.scaling_factor == pytest.approx(report["unet"]["scaling_factor"])
