@@ -20,7 +20,7 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 BASE_COLOURS = {
     "red": (215, 35, 35),
     "orange": (245, 140, 20),
-    "yellow": (235, 205, 30),
+    "yellow": (235, 230, 35),
     "green": (35, 165, 65),
     "blue": (35, 85, 215),
 }
